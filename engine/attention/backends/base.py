@@ -1,0 +1,31 @@
+"""The interface every attention backend implements."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and computes attention for one layer.
+
+    ``query`` is ``[T, num_heads, head_dim]``; ``key``/``value`` are ``[T, num_kv_heads, head_dim]``
+    for the step's new tokens. The caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+    Returns ``[T, num_heads, head_dim]``.
+    """
+
+    name: str = "base"
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
