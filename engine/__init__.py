@@ -1,0 +1,8 @@
+"""paged-engine: a vLLM-style inference engine."""
+from engine.config import EngineArgs
+from engine.entrypoints.llm import LLM
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineArgs"]
+__version__ = "0.1.0"

@@ -27,6 +27,7 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes requests have exactly one query token
     max_query_len: int
     max_seq_len: int
+    max_decode_seq_len: int  # longest context among the decode requests (0 when none)
     block_size: int
     # host-side copies for backends that loop over prefills (the torch CPU path)
     query_start_loc_host: list[int]

@@ -1,0 +1,255 @@
+"""Engine configuration: the flat user-facing arguments and the grouped configs built from them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ModelNotFoundError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class ModelConfig:
+    path: Path
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+    architecture: str
+    quantization: str | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    def eos_token_ids(self) -> set[int]:
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    swap_space_bytes: int = 0
+    num_blocks: int = 0  # decided at start-up
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: torch.device
+    attention_backend: str = "auto"
+    seed: int = 0
+    tokenizer: str | None = None
+    speculative_config: dict | None = None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, hf_config: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX: fp32 is the CPU default.
+        if device.type == "cpu":
+            return torch.float32
+        cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg, str):
+            cfg = _DTYPES.get(cfg)
+        return cfg if cfg in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of 'auto', {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_hf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelNotFoundError(f"{cfg_file} is missing: a model directory needs config.json, *.safetensors and tokenizer files")
+    raw = json.loads(cfg_file.read_text())
+    archs = raw.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {archs[0] if archs else '(none listed in config.json)'} is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    return AutoConfig.from_pretrained(str(path))
+
+
+@dataclass
+class EngineArgs:
+    """Every argument `LLM(...)` and `python -m engine serve` accept, with vLLM's names."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    swap_space: float = 0  # GiB of host memory for preemption by swap
+    preemption_mode: str = "recompute"
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+    attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    quantization: str | None = None
+    device: str | None = None
+    speculative_config: dict | None = None
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def validate(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def create_engine_config(self) -> EngineConfig:
+        from engine.models.default_model import resolve_model_path
+
+        self.validate()
+        device = torch.device(self.device) if self.device else default_device()
+        path = resolve_model_path(self.model)
+        hf_config = load_hf_config(path)
+        dtype = resolve_dtype(self.dtype, device, hf_config)
+        model_max = getattr(hf_config, "max_position_embeddings", 2048) or 2048
+        if self.max_model_len is None:
+            max_model_len = model_max
+        else:
+            if self.max_model_len < 1:
+                raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+            max_model_len = self.max_model_len
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            batched = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
+        if not self.enable_chunked_prefill and batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}) "
+                "without chunked prefill: long prompts could never run; raise it or enable chunked prefill"
+            )
+        model = ModelConfig(
+            path=path,
+            hf_config=hf_config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            architecture=hf_config.architectures[0],
+            quantization=self.quantization,
+        )
+        cache = CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            swap_space_bytes=int(self.swap_space * (1 << 30)),
+        )
+        scheduler = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=max_model_len,
+            policy=self.scheduling_policy,
+            preemption_mode=self.preemption_mode,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+        backend = self.distributed_executor_backend
+        if backend is None:
+            backend = "ray" if self.tensor_parallel_size > 1 else "uni"
+        parallel = ParallelConfig(self.tensor_parallel_size, backend)
+        return EngineConfig(
+            model=model,
+            cache=cache,
+            scheduler=scheduler,
+            parallel=parallel,
+            device=device,
+            attention_backend=self.attention_backend,
+            seed=self.seed,
+            tokenizer=self.tokenizer,
+            speculative_config=self.speculative_config,
+        )

@@ -1,0 +1,45 @@
+"""Vocabulary-parallel token embedding and LM head."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.distributed.parallel_state import get_tp_group
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds rows [r * V/tp, (r + 1) * V/tp) of the (padded) vocabulary."""
+
+    def __init__(self, vocab_size: int, hidden: int) -> None:
+        super().__init__()
+        tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank, tp.size
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // tp.size)
+        self.start = self.tp_rank * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        part = loaded[self.start : self.start + self.shard_size]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mask = (local >= 0) & (local < self.shard_size)
+        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mask.unsqueeze(-1)
+        return get_tp_group().all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Computes logits for the given hidden states only; shards are gathered on every rank."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp_size > 1:
+            logits = get_tp_group().all_gather(logits, dim=-1)
+        return logits[:, : self.vocab_size]

@@ -1,0 +1,54 @@
+"""What the scheduler decides each step; shaped so workers receive only what changed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen (or must rebuild after preemption)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+
+
+@dataclass
+class CachedRequestData:
+    """A request the workers already know: only its newly allocated blocks travel."""
+
+    req_id: str
+    new_block_ids: list[int]
+
+
+@dataclass
+class SchedulerOutput:
+    """One step. ``req_ids[i]`` computes ``num_scheduled_tokens[i]`` tokens, ``token_ids[i]``,
+    starting at position ``num_computed_tokens[i]``; a token is sampled after its last one when
+    ``sample[i]``. Decode requests (one token, sampled) come first."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
+    preempted_req_ids: set[str] = field(default_factory=set)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.req_ids

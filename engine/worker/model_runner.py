@@ -1,0 +1,158 @@
+"""Flattens a scheduled step into one unpadded batch, runs the model and samples."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata, set_attention_metadata
+from engine.config import EngineConfig
+from engine.models.loader import load_model
+from engine.sample.metadata import SamplingMetadata
+from engine.sample.sampler import Sampler
+from engine.scheduler.output import SchedulerOutput
+from engine.worker.request_state import CachedRequestState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]  # per scheduled request; empty when nothing was sampled
+    # per scheduled request: list over sampled tokens of (token ids, logprobs, rank of the sampled one)
+    logprobs: list[list[tuple[list[int], list[float], int]] | None] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.model_config = config.model
+        self.block_size = config.cache.block_size
+        self.model: torch.nn.Module | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.requests: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        self.attn_backend = None
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def load_model(self, show_progress: bool = True) -> None:
+        mc = self.model_config
+        self.model = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress)
+        from engine.attention.backends.selector import get_attention_backend
+
+        self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
+
+    def attention_layers(self) -> list:
+        from engine.layers.attention import Attention
+
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def kv_bytes_per_block(self) -> int:
+        layers = self.attention_layers()
+        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in layers)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocates every layer's K and V cache (zeroed, so unwritten slots are finite)."""
+        self.kv_caches = []
+        for attn in self.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            k = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
+            self.kv_caches.append((k, v))
+
+    # ---- per step --------------------------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids | so.preempted_req_ids:
+            self.requests.pop(rid, None)
+        for data in so.new_requests:
+            self.requests[data.req_id] = CachedRequestState.create(data, self.device)
+        for data in so.cached_requests:
+            self.requests[data.req_id].block_ids.extend(data.new_block_ids)
+
+    def _prepare(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.block_size
+        num_reqs = len(so.req_ids)
+        counts = so.num_scheduled_tokens
+        input_ids: list[int] = []
+        for toks in so.token_ids:
+            input_ids.extend(toks)
+        states = [self.requests[r] for r in so.req_ids]
+        max_blocks = max(len(s.block_ids) for s in states)
+        tables = torch.zeros((num_reqs, max_blocks), dtype=torch.int32)
+        for i, s in enumerate(states):
+            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        counts_t = torch.tensor(counts, dtype=torch.int64)
+        starts_t = torch.tensor(so.num_computed_tokens, dtype=torch.int64)
+        qsl = torch.zeros(num_reqs + 1, dtype=torch.int64)
+        torch.cumsum(counts_t, 0, out=qsl[1:])
+        total = int(qsl[-1])
+        req_of_token = torch.repeat_interleave(torch.arange(num_reqs), counts_t)
+        positions = torch.arange(total) - qsl[:-1][req_of_token] + starts_t[req_of_token]
+        block_of_token = tables[req_of_token, positions // bs].long()
+        slot_mapping = block_of_token * bs + positions % bs
+        seq_lens = starts_t + counts_t
+        seq_lens_host = seq_lens.tolist()
+        qsl_host = qsl.tolist()
+        num_decodes = 0
+        for c, sample in zip(counts, so.sample):
+            if c == 1 and sample:
+                num_decodes += 1
+            else:
+                break
+        # positions whose logits are needed: the last token of every request that samples
+        logits_indices = torch.tensor([qsl_host[i + 1] - 1 for i in range(num_reqs) if so.sample[i]], dtype=torch.int64)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(dev),
+            query_start_loc=qsl.to(torch.int32).to(dev),
+            seq_lens=seq_lens.to(torch.int32).to(dev),
+            block_tables=tables.to(dev),
+            num_decodes=num_decodes,
+            max_query_len=max(counts),
+            max_seq_len=max(seq_lens_host),
+            max_decode_seq_len=max(seq_lens_host[:num_decodes]) if num_decodes else 0,
+            block_size=bs,
+            query_start_loc_host=qsl_host,
+            seq_lens_host=seq_lens_host,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev)
+        return ids, positions.to(dev), meta, logits_indices.to(dev)
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        if so.is_empty:
+            return ModelRunnerOutput([], [])
+        input_ids, positions, meta, logits_indices = self._prepare(so)
+        set_attention_metadata(meta)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_attention_metadata(None)
+        sampled_rows = [i for i, s in enumerate(so.sample) if s]
+        sampled: list[list[int]] = [[] for _ in so.req_ids]
+        logprobs: list = [None for _ in so.req_ids]
+        if not sampled_rows:
+            return ModelRunnerOutput(list(so.req_ids), sampled, logprobs)
+        logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
+        states = [self.requests[so.req_ids[i]] for i in sampled_rows]
+        meta_s = SamplingMetadata.build(
+            [s.sampling_params for s in states], [s.generator for s in states], logits.shape[-1], self.device
+        )
+        out = self.sampler(logits, meta_s)
+        tokens = out.token_ids.tolist()
+        lp = out.logprobs.tolist() if out.logprobs is not None else None
+        lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
+        ranks = out.logprob_ranks.tolist() if out.logprob_ranks is not None else None
+        for j, (row, state) in enumerate(zip(sampled_rows, states)):
+            sampled[row] = [tokens[j]]
+            state.output_token_ids.append(tokens[j])
+            if lp is not None and state.sampling_params.logprobs is not None:
+                k = state.sampling_params.logprobs
+                logprobs[row] = [(lp_ids[j][: 1 + k], lp[j][: 1 + k], ranks[j])]
+        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs)

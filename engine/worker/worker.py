@@ -1,0 +1,87 @@
+"""A worker holds one tensor-parallel shard of the model and its KV cache.
+
+Its public methods are the whole call surface executors use; they map one-to-one onto Ray actor
+methods, so the in-process and Ray executors drive workers the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed.parallel_state import set_tp_group
+from engine.scheduler.output import SchedulerOutput
+from engine.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 2 << 30  # like vLLM's VLLM_CPU_KVCACHE_SPACE, but 2 GiB
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, distributed_init_method: str | None = None) -> None:
+        self.config = config
+        self.rank = rank
+        self.tp_size = config.parallel.tensor_parallel_size
+        self.distributed_init_method = distributed_init_method
+        self.device = config.device
+        self.runner: ModelRunner | None = None
+
+    def init_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.tp_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(
+                backend, init_method=self.distributed_init_method, world_size=self.tp_size, rank=self.rank
+            )
+        set_tp_group(self.rank, self.tp_size)
+        torch.manual_seed(self.config.seed)
+        self.runner = ModelRunner(self.config, self.device)
+
+    def load_model(self, show_progress: bool = True) -> None:
+        self.runner.load_model(show_progress=show_progress and self.rank == 0)
+
+    def kv_bytes_per_block(self) -> int:
+        return self.runner.kv_bytes_per_block()
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks this rank can hold under the configured budget."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        per_block = self.kv_bytes_per_block()
+        if cache.kv_cache_memory_bytes is not None:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_elsewhere = total - free
+            budget = int(total * cache.gpu_memory_utilization) - used_elsewhere - (512 << 20)
+        else:
+            budget = int(os.environ.get("PAGED_ENGINE_CPU_KV_BYTES", DEFAULT_CPU_KV_BYTES))
+        return max(budget // per_block, 0)
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.runner.init_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        out = self.runner.execute(scheduler_output)
+        return out if self.rank == 0 else None
+
+    def weight_bytes(self) -> int:
+        """Bytes of parameters this rank holds (shared/tied tensors counted once)."""
+        seen, total = set(), 0
+        for p in self.runner.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    def check_health(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
