@@ -1,0 +1,5 @@
+import sys
+
+from engine.entrypoints.cli import main
+
+sys.exit(main())

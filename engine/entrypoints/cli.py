@@ -1,0 +1,103 @@
+"""Command line: ``python -m engine generate ...`` and ``python -m engine serve ...``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.config import EngineArgs
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags with vLLM's names (``--max-model-len``, ``--block-size``, ...)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="local HF model directory or .gguf (default: embedded SmolLM2)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--swap-space", type=float, default=0, help="GiB of host memory for swapped-out KV blocks")
+    g.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "xformers"])
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])
+    g.add_argument("--quantization", default=None, choices=["int8"])
+    g.add_argument("--device", default=None)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    names = EngineArgs.field_names()
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from engine.entrypoints.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    args = engine_args_from(ns)
+    kwargs = {k: v for k, v in vars(args).items() if k != "model"}
+    llm = LLM(args.model, **kwargs)
+    params = SamplingParams(
+        temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_tokens=ns.max_tokens, seed=ns.sample_seed
+    )
+    prompts = ns.prompt or ["Write a haiku about paged attention."]
+    if ns.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outs = llm.generate(prompts, params)
+    for p, out in zip(prompts, outs):
+        print(f"--- prompt: {p!r}")
+        print(out.outputs[0].text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="paged-engine: LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline")
+    gen.add_argument("prompt", nargs="*", help="prompt(s); several run as one batch")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("model_tag", nargs="?", default=None, help="model (same as --model)")
+    add_engine_args(serve)
+    try:
+        from engine.entrypoints.openai.cli_args import add_server_args
+
+        add_server_args(serve)
+    except ImportError:
+        pass
+
+    def run_serve(ns: argparse.Namespace) -> int:
+        from engine.entrypoints.openai.server import run_server
+
+        if ns.model_tag and not ns.model:
+            ns.model = ns.model_tag
+        return run_server(ns, engine_args_from(ns))
+
+    serve.set_defaults(func=run_serve)
+
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
