@@ -71,27 +71,23 @@ def tiny_model_path(tmp_path_factory, default_model_path) -> Path:
 
 
 def hf_greedy(model_path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
-    """Greedy continuations from transformers, one prompt at a time, with each step's top-2 logit gap."""
+    """Greedy continuations from transformers, one prompt at a time, with each step's top-2 logit
+    gap. A plain decode loop (not ``generate``) so EOS is an ordinary token, as with ignore_eos."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     results = []
     with torch.inference_mode():
         for ids in prompt_ids:
-            out = model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-                output_scores=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-            tokens = out.sequences[0, len(ids) :].tolist()
-            gaps = []
-            for score in out.scores:
-                top2 = score[0].float().topk(2).values
-                gaps.append(float(top2[0] - top2[1]))
+            out = model(torch.tensor([ids]), use_cache=True)
+            tokens, gaps = [], []
+            for _ in range(max_new_tokens):
+                logits = out.logits[0, -1].float()
+                top2 = logits.topk(2)
+                gaps.append(float(top2.values[0] - top2.values[1]))
+                tok = int(top2.indices[0])
+                tokens.append(tok)
+                out = model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
             results.append({"tokens": tokens, "gaps": gaps})
     return results
 
