@@ -48,8 +48,8 @@ class KVCacheManager:
 
         At least one token is always left to compute, so the model produces logits for it.
         """
-        if not self.enable_caching:
-            return []
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed (vLLM skips the cache too)
         request.block_hashes = block_hashes(request.all_token_ids, self.block_size, request.block_hashes)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
