@@ -23,7 +23,10 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
         self.output_text = ""
-        self.stop_max_len = max((len(s) for s in params.stop), default=0)
+        self.num_output_tokens = 0
+        # after a stop string: how many of the last update's tokens belong to the output
+        self.num_tokens_kept: int | None = None
+        self.buffer_length = params.output_text_buffer_length
         self._sent = 0  # characters of output_text already handed out as deltas
 
     def _decode(self, ids: list[int]) -> str:
@@ -51,26 +54,39 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
-    def update(self, new_token_ids: list[int], num_output_tokens: int) -> str | None:
-        """Decodes new tokens and checks stop strings. Returns the matched stop string, if any
-        (the text is then truncated as the request asks)."""
-        if not self.params.detokenize:
-            return None
-        for tok in new_token_ids:
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
+        """Decodes new output tokens and checks stop strings.
+
+        ``stop_terminated``: the last token is an EOS or stop token id; like vLLM, its text is not
+        part of the output unless include_stop_str_in_output. Returns the matched stop string, if
+        any; the text is then cut as the request asks and ``num_tokens_kept`` says how many of
+        ``new_token_ids`` produced it (the rest are dropped from the output).
+        """
+        params = self.params
+        to_decode = new_token_ids
+        if stop_terminated and not params.include_stop_str_in_output:
+            to_decode = new_token_ids[:-1]
+        for j, tok in enumerate(new_token_ids):
+            self.num_output_tokens += 1
+            if not params.detokenize or j >= len(to_decode):
+                continue
             before = len(self.output_text)
             self.output_text += self.decode_token(tok)
-            if self.params.stop and num_output_tokens >= self.params.min_tokens:
+            # vLLM honours stop strings once more than min_tokens tokens exist
+            if params.stop and self.num_output_tokens > params.min_tokens and len(self.output_text) > before:
                 stop = self._find_stop(before)
                 if stop is not None:
+                    self.num_output_tokens -= len(new_token_ids) - (j + 1)
+                    self.num_tokens_kept = j + 1
                     return stop
         return None
 
     def _find_stop(self, new_from: int) -> str | None:
+        """The stop string that occurs earliest and ends in the text added since ``new_from``."""
         text = self.output_text
-        search_from = max(new_from - self.stop_max_len + 1, 0)
         best: tuple[int, str] | None = None
         for s in self.params.stop:
-            idx = text.find(s, search_from)
+            idx = text.find(s, max(new_from - len(s) + 1, 0))
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, s)
         if best is None:
@@ -79,11 +95,17 @@ class IncrementalDetokenizer:
         self.output_text = text[: idx + len(s)] if self.params.include_stop_str_in_output else text[:idx]
         return s
 
+    def get_text(self, finished: bool) -> str:
+        """All text so far, less the characters that may begin a stop string while running."""
+        if finished or not self.buffer_length:
+            return self.output_text
+        return self.output_text[: max(len(self.output_text) - self.buffer_length, 0)]
+
     def get_delta(self, finished: bool) -> str:
         """New text since the last call, holding back characters that may begin a stop string."""
         end = len(self.output_text)
-        if not finished and self.stop_max_len > 1 and not self.params.include_stop_str_in_output:
-            end = max(end - self.stop_max_len + 1, self._sent)
+        if not finished:
+            end = max(end - self.buffer_length, self._sent)
         delta = self.output_text[self._sent : end]
-        self._sent = end
+        self._sent = max(end, self._sent)
         return delta

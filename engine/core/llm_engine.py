@@ -14,7 +14,7 @@ from engine.core.output_processor import OutputProcessor, ParentState, SampleSta
 from engine.executor.base import make_executor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         self.scheduler.check_prompt(len(ids))
         self._check_params(params)
+        params.update_from_tokenizer(self.tokenizer, self.config.model.vocab_size)
+        params.update_eos_token_ids(self.eos_token_ids)
         arrival = arrival_time if arrival_time is not None else time.time()
         samples, children = [], []
         for i in range(params.n):
@@ -112,6 +114,8 @@ class LLMEngine:
                 child_params.n = 1
                 if params.seed is not None:
                     child_params.seed = params.seed + i
+                if i > 0:  # the prompt is scored once, by the first sample
+                    child_params.prompt_logprobs = None
             cid = child_id(request_id, i, params.n)
             children.append(
                 Request(
@@ -127,7 +131,7 @@ class LLMEngine:
                 )
             )
             samples.append(SampleState(i, IncrementalDetokenizer(self.tokenizer, ids, child_params)))
-        parent = ParentState(request_id, text, ids, samples, delta=delta)
+        parent = ParentState(request_id, text, ids, samples, delta=delta, num_prompt_logprobs=params.prompt_logprobs)
         self.output_processor.add(parent, [c.request_id for c in children])
         for child in children:
             self.scheduler.add_request(child)
@@ -143,6 +147,10 @@ class LLMEngine:
             bad = [t for t in params.logit_bias if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"logit_bias has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and (vocab if k == -1 else k) > MAX_LOGPROBS:
+                raise ValueError(f"{name}={k} asks for more than the maximum of {MAX_LOGPROBS} logprobs")
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         """Aborts user-facing requests (all their samples) wherever they are; frees their blocks."""
@@ -171,13 +179,17 @@ class LLMEngine:
             return []
         result = self.executor.execute_model(so)
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
+        for rid, (first, entries) in getattr(result, "prompt_logprobs", {}).items():
+            self.output_processor.add_prompt_logprobs(rid, first, entries)
         touched: dict[str, None] = {}
         for req, new in self.scheduler.update_from_output(so, result.sampled_token_ids):
             self.num_generation_tokens += len(new)
             lps = logprobs.get(req.request_id)
             stop = self.output_processor.process(req, new, lps[: len(new)] if lps else None)
-            if stop is not None and not req.is_finished:
-                self.scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_STOPPED)
+            if stop is not None:
+                if not req.is_finished:
+                    self.scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_STOPPED)
+                req.status = RequestStatus.FINISHED_STOPPED  # a stop string beats a length limit hit at once
                 req.stop_reason = stop
             if req.is_finished:
                 self.output_processor.finish(req)

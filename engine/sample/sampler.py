@@ -1,11 +1,16 @@
-"""Turns the logits of the sampled positions into tokens, vectorised over the batch."""
+"""Turns the logits of the sampled positions into tokens, vectorised over the batch.
+
+Order (vLLM's): raw logprobs; allowed_token_ids; bad words and min_tokens bans; logit_bias;
+penalties; then greedy rows take the argmax, random rows apply temperature, min_p, top-k, top-p
+and draw.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from engine.sample.metadata import SamplingMetadata
+from engine.sample.metadata import PenaltyBatch, SamplingMetadata
 
 
 @dataclass
@@ -14,6 +19,26 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # [N, 1 + k]: the sampled token's, then the top k
     logprob_token_ids: torch.Tensor | None = None  # [N, 1 + k]
     logprob_ranks: torch.Tensor | None = None  # [N] rank of the sampled token
+
+
+def apply_penalties(logits: torch.Tensor, pen: PenaltyBatch) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens (divides positive logits, multiplies
+    negative ones), then frequency (per output occurrence) and presence (once per output token)."""
+    rows = logits.index_select(0, pen.rows)
+    seen_out = pen.output_counts > 0
+    seen = pen.prompt_mask | seen_out
+    rep = torch.where(seen, pen.repetition, 1.0)
+    rows = torch.where(rows > 0, rows / rep, rows * rep)
+    rows = rows - pen.frequency * pen.output_counts - pen.presence * seen_out
+    logits.index_copy_(0, pen.rows, rows)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drops tokens whose probability is below min_p times the most likely token's."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -46,24 +71,60 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div_(q).argmax(dim=-1)
 
 
+def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The token-level options that can change even a greedy choice; in place on fp32 logits."""
+    if meta.allowed_rows is not None:
+        rows = logits.index_select(0, meta.allowed_rows).masked_fill_(meta.allowed_mask, float("-inf"))
+        logits.index_copy_(0, meta.allowed_rows, rows)
+    if meta.banned_rows is not None:
+        logits.index_put_((meta.banned_rows, meta.banned_tokens), torch.tensor(float("-inf"), device=logits.device))
+    if meta.bias_rows is not None:
+        logits.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
+    if meta.penalties is not None:
+        apply_penalties(logits, meta.penalties)
+    return logits
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
+        # logprobs are those of the raw model output, before any processing (vLLM's default)
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
-        greedy = logits.argmax(dim=-1) if not meta.all_random else None
-        if meta.all_greedy:
-            tokens = greedy
-        else:
-            scaled = logits.div(meta.temperature.unsqueeze(1))
-            scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
-            sampled = random_sample(scaled.softmax(dim=-1), meta.generators)
-            tokens = sampled if meta.all_random else torch.where(meta.greedy_mask, greedy, sampled)
+        logits = apply_logits_processors(logits, meta)
+        tokens = self.sample(logits, meta)
         out = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:
-            k = meta.max_num_logprobs
-            top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k > 0 else (raw_logprobs[:, :0], tokens[:, None][:, :0])
-            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
-            out.logprobs = torch.cat([chosen, top_vals], dim=1)
-            out.logprob_token_ids = torch.cat([tokens.unsqueeze(1), top_ids], dim=1)
-            out.logprob_ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+            out.logprobs, out.logprob_token_ids, out.logprob_ranks = gather_logprobs(
+                raw_logprobs, tokens, meta.max_num_logprobs
+            )
         return out
+
+    @staticmethod
+    def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if meta.all_greedy:
+            return logits.argmax(dim=-1)
+        rand_logits = logits if meta.random_rows is None else logits.index_select(0, meta.random_rows)
+        scaled = rand_logits.div(meta.temperature.unsqueeze(1))
+        if meta.min_p is not None:
+            scaled = apply_min_p(scaled, meta.min_p)
+        scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
+        sampled = random_sample(scaled.softmax(dim=-1), meta.generators)
+        if meta.random_rows is None:
+            return sampled
+        tokens = logits.argmax(dim=-1)
+        return tokens.index_copy_(0, meta.random_rows, sampled)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chosen token's logprob and the top k per row, with the chosen token's rank: the number
+    of tokens at least as likely, itself included (vLLM's rule: ties count against it)."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    if k > 0:
+        top_vals, top_ids = logprobs.topk(k, dim=-1)
+    else:
+        top_vals = logprobs[:, :0]
+        top_ids = token_ids.unsqueeze(1)[:, :0]
+    ranks = (logprobs >= chosen).sum(dim=-1)
+    return torch.cat([chosen, top_vals], dim=1), torch.cat([token_ids.unsqueeze(1), top_ids], dim=1), ranks

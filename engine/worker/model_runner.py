@@ -9,6 +9,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata, set_attention_metadata
 from engine.config import EngineConfig
 from engine.models.loader import load_model
+from engine.sample.logprobs import compute_prompt_logprobs
 from engine.sample.metadata import SamplingMetadata
 from engine.sample.sampler import Sampler
 from engine.scheduler.output import SchedulerOutput
@@ -23,6 +24,8 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]]  # per scheduled request; empty when nothing was sampled
     # per scheduled request: list over sampled tokens of (token ids, logprobs, rank of the sampled one)
     logprobs: list[list[tuple[list[int], list[float], int]] | None] = field(default_factory=list)
+    # req id -> (index of the first prompt token scored, entries): see engine/sample/logprobs.py
+    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -134,16 +137,20 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         finally:
             set_attention_metadata(None)
+        prompt_lps = {}
+        if any(self.requests[r].sampling_params.prompt_logprobs is not None for r in so.req_ids):
+            prompt_lps = compute_prompt_logprobs(
+                self.model.compute_logits, hidden, so.req_ids, so.num_scheduled_tokens,
+                so.num_computed_tokens, meta.query_start_loc_host, self.requests,
+            )
         sampled_rows = [i for i, s in enumerate(so.sample) if s]
         sampled: list[list[int]] = [[] for _ in so.req_ids]
         logprobs: list = [None for _ in so.req_ids]
         if not sampled_rows:
-            return ModelRunnerOutput(list(so.req_ids), sampled, logprobs)
+            return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps)
         logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
         states = [self.requests[so.req_ids[i]] for i in sampled_rows]
-        meta_s = SamplingMetadata.build(
-            [s.sampling_params for s in states], [s.generator for s in states], logits.shape[-1], self.device
-        )
+        meta_s = SamplingMetadata.build(states, logits.shape[-1], self.device)
         out = self.sampler(logits, meta_s)
         tokens = out.token_ids.tolist()
         lp = out.logprobs.tolist() if out.logprobs is not None else None
@@ -154,5 +161,6 @@ class ModelRunner:
             state.output_token_ids.append(tokens[j])
             if lp is not None and state.sampling_params.logprobs is not None:
                 k = state.sampling_params.logprobs
-                logprobs[row] = [(lp_ids[j][: 1 + k], lp[j][: 1 + k], ranks[j])]
-        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs)
+                n = len(lp_ids[j]) if k == -1 else 1 + k
+                logprobs[row] = [(lp_ids[j][:n], lp[j][:n], ranks[j])]
+        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps)
