@@ -100,14 +100,20 @@ class Sampler:
         return out
 
     @staticmethod
-    def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        if meta.all_greedy:
-            return logits.argmax(dim=-1)
+    def random_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The random rows' logits after temperature, min_p, top-k and top-p: their softmax is
+        the distribution each row draws from."""
         rand_logits = logits if meta.random_rows is None else logits.index_select(0, meta.random_rows)
         scaled = rand_logits.div(meta.temperature.unsqueeze(1))
         if meta.min_p is not None:
             scaled = apply_min_p(scaled, meta.min_p)
-        scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
+        return apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
+
+    @classmethod
+    def sample(cls, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if meta.all_greedy:
+            return logits.argmax(dim=-1)
+        scaled = cls.random_logits(logits, meta)
         sampled = random_sample(scaled.softmax(dim=-1), meta.generators)
         if meta.random_rows is None:
             return sampled
