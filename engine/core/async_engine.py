@@ -1,0 +1,390 @@
+"""The asynchronous engine: LLMEngine.step runs in one background thread; asyncio code adds,
+streams and aborts requests without ever waiting for a step.
+
+The engine thread owns the LLMEngine. Callers on the event loop never touch it directly: they
+queue commands (add, abort) that the thread applies between steps, and the thread hands outputs
+back with ``loop.call_soon_threadsafe``. A step that raises kills the engine: every request in
+flight fails with EngineDeadError and ``errored`` becomes true (the server reports unhealthy).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from engine.config import EngineArgs
+from engine.core.llm_engine import LLMEngine, PromptType
+from engine.errors import EngineDeadError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """The outputs of one request, consumed on the event loop."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    async def get(self) -> RequestOutput:
+        """The next output; raises the engine's error if it died meanwhile."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            yield await self.get()
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    arrival_time: float
+    priority: int
+    stream: bool
+    out: RequestStream
+    done: Callable[[BaseException | None], None]
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+@dataclass
+class _Tracked:
+    """What the engine thread remembers about a request for metrics and delivery."""
+
+    stream: RequestStream
+    want_deltas: bool
+    arrival_time: float
+    num_tokens: int = 0
+    last_token_time: float | None = None
+
+
+# vLLM's buckets for time to first token and inter-token latency (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
+class Histogram:
+    """A cumulative histogram (Prometheus semantics); observed on the engine thread, read anywhere."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            self.counts[i] += 1
+            self.sum += value
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """([(upper bound, cumulative count)], sum, count); the last bound is inf."""
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        cumulative, out = 0, []
+        for bound, c in zip((*self.buckets, float("inf")), counts):
+            cumulative += c
+            out.append((bound, cumulative))
+        return out, total, cumulative
+
+
+@dataclass
+class EngineMetrics:
+    """The async engine's own counters: request outcomes and latency histograms."""
+
+    requests_added: int = 0
+    requests_failed: int = 0  # in flight when the engine died
+    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
+    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
+
+    def record_finished(self, out: RequestOutput, latency: float) -> None:
+        reasons = [o.finish_reason for o in out.outputs]
+        # a request counts once: aborted if any sample was, else by its first sample
+        reason = "abort" if "abort" in reasons else (reasons[0] or "abort")
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+        if reason != "abort":
+            self.e2e.observe(latency)
+
+
+@dataclass
+class _StatLog:
+    last_time: float = field(default_factory=time.monotonic)
+    last_prompt_tokens: int = 0
+    last_generation_tokens: int = 0
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, log_stats: bool = True, log_stats_interval: float = 5.0) -> None:
+        self.engine = engine
+        self.log_stats = log_stats
+        self.log_stats_interval = log_stats_interval
+        self.metrics = EngineMetrics()
+        self._cv = threading.Condition()
+        self._commands: list[_Add | _Abort] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._dead: EngineDeadError | None = None
+        self._stats: dict[str, Any] = {}
+        self._stats_failed = False
+        self._stat_log = _StatLog()
+        self._refresh_stats()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **kwargs: Any) -> "AsyncLLMEngine":
+        return cls(LLMEngine.from_engine_args(args), **kwargs)
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        return self._dead
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.errored
+
+    def get_stats(self) -> dict[str, Any]:
+        """The engine's stats as of the end of its last step (safe to call from any thread)."""
+        return dict(self._stats)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._thread is not None:
+            return
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        self.engine.shutdown()
+
+    # ---- the asyncio side ------------------------------------------------------------------
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        *,
+        stream: bool = True,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queues a request and waits until the engine accepted it (validation errors raise here).
+
+        With ``stream`` the returned stream yields delta outputs every step; without it, only the
+        final output. If the caller is cancelled while waiting, the request is aborted.
+        """
+        if self._dead is not None:
+            raise self._dead
+        if self._thread is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[None] = loop.create_future()
+        out = RequestStream(request_id)
+
+        def done(err: BaseException | None) -> None:  # runs on the engine thread
+            def resolve() -> None:
+                if accepted.done():
+                    return
+                if err is None:
+                    accepted.set_result(None)
+                else:
+                    accepted.set_exception(err)
+
+            loop.call_soon_threadsafe(resolve)
+
+        self._push(_Add(request_id, prompt, params, arrival_time or time.time(), priority, stream, out, done))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return out
+
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str, *, stream: bool = True, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Adds a request and yields its outputs; leaving early (break, cancel) aborts it."""
+        rs = await self.add_request(request_id, prompt, params, stream=stream, priority=priority)
+        try:
+            async for out in rs:
+                yield out
+        finally:
+            if not rs.finished:
+                self.abort(request_id)
+
+    def abort(self, request_ids: str | list[str]) -> None:
+        """Removes requests wherever they are and frees their blocks (applied before the next step)."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        if ids and self._dead is None:
+            self._push(_Abort(ids))
+
+    async def check_health(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+
+    def _push(self, cmd: _Add | _Abort) -> None:
+        with self._cv:
+            self._commands.append(cmd)
+            self._cv.notify()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
+                        self._maybe_log_stats(idle=True)
+                        self._cv.wait(timeout=self.log_stats_interval)
+                    if self._stopping:
+                        break
+                    commands, self._commands = self._commands, []
+                for cmd in commands:
+                    self._apply(cmd)
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._deliver(outputs)
+                self._refresh_stats()
+                self._maybe_log_stats()
+        except BaseException as e:  # noqa: BLE001 - any failure of the step loop kills the engine
+            self._die(e)
+
+    def _apply(self, cmd: _Add | _Abort) -> None:
+        if isinstance(cmd, _Add):
+            try:
+                self.engine.add_request(
+                    cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time, cmd.priority, delta=cmd.stream
+                )
+            except Exception as e:  # validation errors go back to the caller
+                cmd.done(e)
+                return
+            self._tracked[cmd.request_id] = _Tracked(cmd.out, cmd.stream, cmd.arrival_time)
+            self.metrics.requests_added += 1
+            cmd.done(None)
+        else:
+            outputs = self.engine.abort_request(cmd.request_ids)
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.time()
+        ready: list[tuple[RequestStream, RequestOutput]] = []
+        for out in outputs:
+            t = self._tracked.get(out.request_id)
+            if t is None:
+                continue
+            n = sum(len(o.token_ids) for o in out.outputs)
+            total = t.num_tokens + n if t.want_deltas else n
+            if total > t.num_tokens:
+                if t.last_token_time is None:
+                    self.metrics.ttft.observe(now - t.arrival_time)
+                else:
+                    self.metrics.itl.observe(now - t.last_token_time)
+                t.last_token_time = now
+                t.num_tokens = total
+            if out.finished:
+                del self._tracked[out.request_id]
+                self.metrics.record_finished(out, now - t.arrival_time)
+            if out.finished or t.want_deltas:
+                ready.append((t.stream, out))
+        if ready:
+            self._call_soon(_put_all, ready)
+
+    def _die(self, exc: BaseException) -> None:
+        logger.error("the engine step loop failed; failing %d request(s) in flight", len(self._tracked), exc_info=exc)
+        err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine failed: {exc!r}")
+        self._dead = err
+        with self._cv:
+            pending, self._commands = self._commands, []
+        for cmd in pending:
+            if isinstance(cmd, _Add):
+                cmd.done(err)
+        streams = [t.stream for t in self._tracked.values()]
+        try:  # give the blocks back where the engine still can
+            self.engine.abort_request(list(self._tracked))
+        except Exception:  # noqa: BLE001
+            logger.exception("could not abort the requests of the dead engine")
+        self._tracked.clear()
+        self.metrics.requests_failed += len(streams)
+        self._call_soon(_put_all, [(s, err) for s in streams])
+
+    def _refresh_stats(self) -> None:
+        try:
+            self._stats = self.engine.get_stats()
+        except Exception:  # noqa: BLE001 - stats are for observation; serving goes on without them
+            if not self._stats_failed:
+                logger.exception("LLMEngine.get_stats failed; /metrics shows the last stats it gave")
+            self._stats_failed = True
+
+    def _call_soon(self, fn: Callable, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop closed meanwhile (shutdown)
+                pass
+
+    def _maybe_log_stats(self, idle: bool = False) -> None:
+        if not self.log_stats:
+            return
+        now = time.monotonic()
+        log = self._stat_log
+        elapsed = now - log.last_time
+        if elapsed < self.log_stats_interval:
+            return
+        s = self._stats
+        prompt, gen = s.get("prompt_tokens_total", 0), s.get("generation_tokens_total", 0)
+        busy = s.get("num_running") or s.get("num_waiting") or prompt != log.last_prompt_tokens or gen != log.last_generation_tokens
+        if busy:
+            logger.info(
+                "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+                "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s",
+                s.get("num_running", 0), s.get("num_waiting", 0), 100 * s.get("kv_cache_usage", 0.0),
+                (prompt - log.last_prompt_tokens) / elapsed, (gen - log.last_generation_tokens) / elapsed,
+            )
+        log.last_time, log.last_prompt_tokens, log.last_generation_tokens = now, prompt, gen
+
+
+def _put_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in items:
+        stream.put(item)

@@ -1,0 +1,210 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engine.entrypoints.chat_utils import render_chat
+from engine.errors import EngineDeadError
+from engine.outputs import Logprob, RequestOutput
+from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, random_id
+from engine.entrypoints.openai.serving_engine import (
+    MIN_LOGPROB, SSE_DONE, OpenAIServing, write_quietly, clamp_logprob, engine_dead_error, error_response, json_response, sse,
+)
+
+ROLES = ("system", "user", "assistant", "developer")
+
+
+@dataclass
+class _Ctx:
+    request_id: str
+    created: int
+    model: str
+    n: int
+    top_logprobs: int | None  # None: no logprobs
+    prompt_tokens: int
+
+
+def _content_text(content: Any, param: str) -> str:
+    """A message's content as text: a string, or an array of text parts (joined with newlines)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise OpenAIError(f"'{param}[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}); "
+                                  f"{kind!r} parts are not supported", param=f"{param}[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise OpenAIError(f"'{param}' must be a string or an array of content parts", param=param)
+
+
+def parse_messages(body: Body) -> list[dict]:
+    raw = body.required("messages")
+    if not isinstance(raw, list):
+        raise OpenAIError("'messages' must be an array of message objects", param="messages")
+    if not raw:
+        raise OpenAIError("'messages' must contain at least one message", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise OpenAIError(f"'{p}' must be an object", param=p)
+        role = m.get("role")
+        if role not in ROLES:
+            raise OpenAIError(f"'{p}.role' must be one of {list(ROLES)}, got {role!r}", param=f"{p}.role")
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise OpenAIError(f"'{p}.content' is a required property", param=f"{p}.content")
+            content = ""
+        out.append({"role": role, "content": _content_text(content, f"{p}.content")})
+    return out
+
+
+class OpenAIServingChat(OpenAIServing):
+    def _check_unsupported(self, body: Body) -> None:
+        tools = body.raw("tools")
+        if tools and body.raw("tool_choice", "auto") != "none":
+            raise OpenAIError("tool calling is not supported by this server", param="tools")
+        if body.has("functions"):
+            raise OpenAIError("'functions' is not supported by this server", param="functions")
+        fmt = body.obj("response_format")
+        if fmt is not None and fmt.raw("type", "text") != "text":
+            raise OpenAIError("only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+    async def create_chat_completion(self, request: web.Request, data: Any) -> web.StreamResponse:
+        body = Body(data)
+        model = self.check_model(body)
+        messages = parse_messages(body)
+        self._check_unsupported(body)
+        stream = body.bool("stream", False)
+        include_usage, continuous_usage = body.stream_options(stream)
+        logprobs = body.bool("logprobs", False)
+        top_logprobs = body.int("top_logprobs", None, lo=0, hi=self.config.max_logprobs)
+        if top_logprobs is not None and top_logprobs > 0 and not logprobs:
+            raise OpenAIError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+        max_tokens = body.int("max_completion_tokens", None, lo=1)
+        if max_tokens is None:
+            max_tokens = body.int("max_tokens", None, lo=1)
+        kw = self.sampling_kwargs(body)
+        add_generation_prompt = body.bool("add_generation_prompt", True)
+        try:
+            ids = render_chat(self.tokenizer, messages, self.config.chat_template, add_generation_prompt)
+        except ValueError as e:
+            raise OpenAIError(str(e), param="messages") from None
+        max_tokens = self.check_length(len(ids), max_tokens, "messages")
+        params = self.make_params(max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None, **kw)
+        request_id = random_id("chatcmpl")
+        streams = await self.add_all(request_id, [{"prompt_token_ids": ids}], params, stream)
+        ctx = _Ctx(request_id, now_int(), model, params.n, (top_logprobs or 0) if logprobs else None, len(ids))
+        try:
+            if stream:
+                return await self._stream(request, streams, ctx, include_usage, continuous_usage)
+            try:
+                outs = await self.final_outputs(streams)
+            except EngineDeadError as e:
+                return error_response(engine_dead_error(e, status=500))
+            return json_response(self._full_response(outs[0], ctx))
+        finally:
+            self.abort_unfinished(streams)
+
+    # ---- formatting ------------------------------------------------------------------------
+    def _entry(self, tid: int, lp: Logprob | None) -> dict:
+        s = lp.decoded_token if lp is not None and lp.decoded_token is not None else self.tokenizer.decode([tid])
+        return {"token": s, "logprob": clamp_logprob(lp.logprob) if lp is not None else MIN_LOGPROB,
+                "bytes": list(s.encode("utf-8"))}
+
+    def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]] | None, k: int | None) -> dict | None:
+        if k is None:
+            return None
+        content = []
+        for tid, entry in zip(token_ids, entries or [{}] * len(token_ids)):
+            item = self._entry(tid, entry.get(tid))
+            ranked = sorted(((v.rank if v.rank is not None else 1 << 30, t, v) for t, v in entry.items()),
+                            key=lambda x: x[0])
+            seen, top = set(), []
+            for _, t, v in ranked:
+                if len(top) >= k:
+                    break
+                if t not in seen:
+                    seen.add(t)
+                    top.append(self._entry(t, v))
+            item["top_logprobs"] = top
+            content.append(item)
+        return {"content": content}
+
+    def _full_response(self, out: RequestOutput, ctx: _Ctx) -> dict:
+        choices = []
+        for o in out.outputs:
+            choices.append({
+                "index": o.index,
+                "message": {"role": self.config.response_role, "content": o.text},
+                "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs),
+                "finish_reason": o.finish_reason,
+            })
+        completion_tokens = sum(len(o.token_ids) for o in out.outputs)
+        return {
+            "id": ctx.request_id,
+            "object": "chat.completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": ctx.prompt_tokens + completion_tokens},
+        }
+
+    async def _stream(self, request: web.Request, streams: list, ctx: _Ctx, include_usage: bool,
+                      continuous_usage: bool) -> web.StreamResponse:
+        resp = await self.start_sse(request)
+        completion_tokens = 0
+        finished: set[int] = set()
+
+        def usage() -> dict:
+            return {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": ctx.prompt_tokens + completion_tokens}
+
+        def chunk(choices: list[dict], usage_value: Any = None) -> bytes:
+            c = {"id": ctx.request_id, "object": "chat.completion.chunk", "created": ctx.created,
+                 "model": ctx.model, "choices": choices}
+            if include_usage:
+                c["usage"] = usage_value
+            return sse(c)
+
+        try:
+            # the first delta of every choice carries the role, and nothing else
+            await resp.write(chunk([
+                {"index": i, "delta": {"role": self.config.response_role, "content": ""}, "logprobs": None,
+                 "finish_reason": None}
+                for i in range(ctx.n)
+            ], usage() if continuous_usage else None))
+            async for _, out in self.merged(streams):
+                for o in out.outputs:
+                    if o.index in finished:
+                        continue
+                    completion_tokens += len(o.token_ids)
+                    finish = o.finish_reason
+                    if not (o.text or o.token_ids or finish):
+                        continue
+                    if finish is not None:
+                        finished.add(o.index)
+                    delta = {"content": o.text} if o.text or not finish else {}
+                    await resp.write(chunk([{
+                        "index": o.index,
+                        "delta": delta,
+                        "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs),
+                        "finish_reason": finish,
+                    }], usage() if continuous_usage else None))
+            if include_usage:
+                await resp.write(chunk([], usage()))
+            await resp.write(SSE_DONE)
+        except EngineDeadError as e:
+            await write_quietly(resp, sse(engine_dead_error(e, status=500).to_dict()) + SSE_DONE)
+        except ConnectionResetError:  # the client went away: the caller aborts what is left
+            pass
+        return resp
+

@@ -1,0 +1,227 @@
+"""What the completion and chat endpoints share: model names, sampling fields, context-length
+checks, streaming over several engine requests, and SSE / error plumbing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from engine.core.async_engine import AsyncLLMEngine, RequestStream
+from engine.errors import EngineDeadError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.entrypoints.openai.protocol import Body, OpenAIError
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's limits
+MAX_N = 128
+_INT64 = (-(2**63), 2**63 - 1)
+# JSON has no -inf: vLLM reports impossible tokens with this logprob
+MIN_LOGPROB = -9999.0
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, ensure_ascii=False), status=status, content_type="application/json")
+
+
+def error_response(err: OpenAIError) -> web.Response:
+    return json_response(err.to_dict(), status=err.status)
+
+
+def sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def write_quietly(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except ConnectionResetError:
+        pass
+
+
+def engine_dead_error(e: BaseException, status: int = 503) -> OpenAIError:
+    return OpenAIError(str(e) or "the engine is not running", status=status, type="server_error", code="engine_dead")
+
+
+def clamp_logprob(lp: float) -> float:
+    return max(lp, MIN_LOGPROB)
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]
+    max_logprobs: int = 20
+    response_role: str = "assistant"
+    chat_template: str | None = None
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, tokenizer: Any) -> None:
+        self.engine = engine
+        self.config = config
+        # a tokenizer of our own: the engine thread uses the engine's, and HF fast tokenizers
+        # must not be shared across threads
+        self.tokenizer = tokenizer
+        sched = engine.engine.scheduler
+        self.max_model_len = min(engine.engine.config.model.max_model_len, sched.max_model_len)
+        self.vocab_size = engine.engine.config.model.vocab_size
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    def check_model(self, body: Body) -> str:
+        model = body.str("model")
+        if model is None:
+            return self.model_name
+        if model not in self.config.served_model_names:
+            raise OpenAIError(
+                f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found"
+            )
+        return model
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OpenAIError(f"'{param}' has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
+                              param=param)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """Returns max_tokens (defaulted to what fits); rejects what cannot fit the context."""
+        if num_prompt_tokens == 0:
+            raise OpenAIError(f"'{param}' must not be empty", param=param)
+        if num_prompt_tokens >= self.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
+                param=param, code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return self.max_model_len - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the input, {max_tokens} in the "
+                "completion). Please reduce the length of the input or completion.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def sampling_kwargs(self, body: Body) -> dict[str, Any]:
+        """The sampling fields both endpoints share (OpenAI's plus vLLM's extras)."""
+        kw = dict(
+            n=body.int("n", 1, lo=1, hi=MAX_N),
+            temperature=body.float("temperature", 1.0, lo=0.0),
+            top_p=body.float("top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
+            top_k=body.int("top_k", 0, lo=-1),
+            min_p=body.float("min_p", 0.0, lo=0.0, hi=1.0),
+            presence_penalty=body.float("presence_penalty", 0.0, lo=-2.0, hi=2.0),
+            frequency_penalty=body.float("frequency_penalty", 0.0, lo=-2.0, hi=2.0),
+            repetition_penalty=body.float("repetition_penalty", 1.0, lo=0.0, lo_open=True),
+            seed=body.int("seed", None, lo=_INT64[0], hi=_INT64[1]),
+            stop=body.stop("stop"),
+            stop_token_ids=body.int_list("stop_token_ids") or [],
+            ignore_eos=body.bool("ignore_eos", False),
+            min_tokens=body.int("min_tokens", 0, lo=0),
+            skip_special_tokens=body.bool("skip_special_tokens", True),
+            spaces_between_special_tokens=body.bool("spaces_between_special_tokens", True),
+            include_stop_str_in_output=body.bool("include_stop_str_in_output", False),
+            logit_bias=body.logit_bias(),
+            allowed_token_ids=body.int_list("allowed_token_ids"),
+        )
+        body.str("user")  # accepted, unused
+        if kw["top_k"] == 0 and body.has("top_k"):
+            raise OpenAIError("'top_k' must be -1 (disabled) or at least 1, got 0", param="top_k")
+        self.check_ids(kw["stop_token_ids"], "stop_token_ids")
+        if kw["allowed_token_ids"] is not None:
+            self.check_ids(kw["allowed_token_ids"], "allowed_token_ids")
+        if kw["logit_bias"]:
+            self.check_ids(list(kw["logit_bias"]), "logit_bias")
+        best_of = body.int("best_of", None, lo=1)
+        if best_of is not None and best_of != kw["n"]:
+            raise OpenAIError("'best_of' other than n is not supported", param="best_of")
+        return kw
+
+    @staticmethod
+    def make_params(**kw: Any) -> SamplingParams:
+        """SamplingParams, with its own validation errors turned into 400s naming the field."""
+        try:
+            return SamplingParams(**kw)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            param = msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None
+            raise OpenAIError(msg, param=param) from None
+
+    async def add_all(
+        self, base_id: str, prompts: list[dict], params: SamplingParams, stream: bool
+    ) -> list[RequestStream]:
+        """Submits one engine request per prompt; on any failure aborts the ones already added."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(await self.engine.add_request(f"{base_id}-{i}", prompt, params, stream=stream))
+        except BaseException as e:
+            self.engine.abort([s.request_id for s in streams])
+            if isinstance(e, EngineDeadError):
+                raise engine_dead_error(e) from None
+            if isinstance(e, ValueError):
+                raise OpenAIError(str(e)) from None
+            raise
+        return streams
+
+    def abort_unfinished(self, streams: list[RequestStream]) -> None:
+        ids = [s.request_id for s in streams if not s.finished]
+        if ids:
+            logger.info("aborting %d request(s) whose client went away: %s", len(ids), ids[:4])
+            self.engine.abort(ids)
+
+    @staticmethod
+    async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
+        """Waits for every request's final output (non-streaming requests deliver only that)."""
+        return list(await asyncio.gather(*(s.get() for s in streams)))
+
+    @staticmethod
+    async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, delta output) from several requests, in arrival order."""
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream) -> None:
+            try:
+                async for out in s:
+                    queue.put_nowait((i, out))
+            except Exception as e:  # noqa: BLE001 - forwarded to the consumer
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def start_sse(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"},
+        )
+        await resp.prepare(request)
+        return resp
