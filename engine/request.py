@@ -11,7 +11,7 @@ from engine.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
-    PREEMPTED = enum.auto()  # waiting again, its KV freed (recompute) or swapped out
+    PREEMPTED = enum.auto()  # waiting again, its KV freed (recompute) or swapped out to host memory
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
@@ -31,7 +31,7 @@ class RequestStatus(enum.Enum):
         }.get(self)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: requests live in lists that are searched often
 class Request:
     """One sequence being generated: its tokens, progress, KV blocks and state.
 
@@ -48,12 +48,13 @@ class Request:
     priority: int = 0
     parent_id: str | None = None  # for n > 1: the user-facing request this sample belongs to
     sample_index: int = 0
+    fork_from: str | None = None  # n > 1: the sibling whose computed prompt this sample shares
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first scheduling
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks so far
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full blocks so far
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0

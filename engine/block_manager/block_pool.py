@@ -4,12 +4,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from engine.block_manager.hashing import BlockHash
 
-@dataclass
+
+@dataclass(eq=False)
 class KVBlock:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None  # set once the block is full and cached
+    block_hash: BlockHash | None = None  # set once the block is full and registered in the cache
+    parent_hash: BlockHash | None = None  # the hash of the block before it (None for a first block)
     token_ids: tuple[int, ...] | None = None  # the tokens it holds, to verify cache hits
 
 
@@ -25,23 +28,29 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[BlockHash, int] = {}  # block hash -> block id
         self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now, cached-but-unreferenced ones included."""
         return len(self.free_queue)
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_queue)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache (referenced or not)."""
+        return len(self.cached)
+
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
     def allocate(self, n: int) -> list[KVBlock]:
         if n > len(self.free_queue):
-            raise RuntimeError(f"asked for {n} blocks with {len(self.free_queue)} free")  # caller checks first
+            raise RuntimeError(f"asked for {n} blocks with {len(self.free_queue)} free")  # callers check first
         out = []
         for _ in range(n):
             block_id, _ = self.free_queue.popitem(last=False)
@@ -55,17 +64,18 @@ class BlockPool:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) == block.block_id:
                 del self.cached[block.block_hash]
-            block.block_hash = None
-            block.token_ids = None
-            self.num_evictions += 1
+                self.num_evictions += 1
+            block.block_hash = block.parent_hash = block.token_ids = None
 
-    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> KVBlock | None:
-        """Returns the cached block with this hash and exactly these tokens, if any."""
+    def lookup(self, block_hash: BlockHash, parent_hash: BlockHash | None, token_ids: tuple[int, ...]) -> KVBlock | None:
+        """The cached block with this hash, if it really holds these tokens after this parent."""
         block_id = self.cached.get(block_hash)
         if block_id is None:
             return None
         block = self.blocks[block_id]
-        return block if block.token_ids == token_ids else None
+        if block.token_ids != token_ids or block.parent_hash != parent_hash:
+            return None
+        return block
 
     def touch(self, block: KVBlock) -> None:
         """Takes one more reference on a (possibly free, cached) block."""
@@ -81,17 +91,49 @@ class BlockPool:
                 raise RuntimeError(f"block {block.block_id} freed more often than referenced")
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue[block.block_id] = None
+                if block.block_hash is None:
+                    # nothing worth keeping: hand it out before any cached block
+                    self.free_queue[block.block_id] = None
+                    self.free_queue.move_to_end(block.block_id, last=False)
+                else:
+                    self.free_queue[block.block_id] = None
 
-    def cache_block(self, block: KVBlock, block_hash: int, token_ids: tuple[int, ...]) -> None:
+    def cache_block(
+        self, block: KVBlock, block_hash: BlockHash, parent_hash: BlockHash | None, token_ids: tuple[int, ...]
+    ) -> None:
         if not self.enable_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash
+        block.parent_hash = parent_hash
         block.token_ids = token_ids
         # keep the first block cached under a hash; a duplicate stays private to its request
         self.cached.setdefault(block_hash, block.block_id)
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every unreferenced cached block. Returns False (doing nothing) while blocks are
+        in use, like vLLM: referenced blocks would otherwise lose their index entries."""
+        if self.num_used_blocks:
+            return False
         for block in self.blocks:
-            if block.ref_count == 0:
-                self._evict(block)
+            self._evict(block)
+        return True
+
+
+class HostBlockPool:
+    """Host (CPU) memory blocks for preemption by swap; each is held by one swapped-out request."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = max(num_blocks, 0)
+        self._free = list(range(self.num_blocks - 1, -1, -1))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} host blocks with {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, block_ids: list[int]) -> None:
+        self._free.extend(reversed(block_ids))

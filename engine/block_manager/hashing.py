@@ -1,21 +1,35 @@
-"""Chained block hashes for automatic prefix caching."""
+"""Chained block hashes for automatic prefix caching.
+
+A block's hash covers its parent's hash (hence the whole prefix before it), its own token ids and
+``extra`` (anything else that changes its K/V, e.g. an adapter id). SHA-256 rather than Python's
+``hash()``: a 64-bit non-cryptographic hash lets one user craft a prompt whose block collides with
+another user's and read K/V computed from someone else's tokens (vLLM's CVE-2025-25183). Hits are
+still verified against the stored tokens and parent hash, so a collision could never serve wrong K/V.
+"""
 from __future__ import annotations
 
+import hashlib
+from array import array
 from typing import Hashable, Sequence
 
-ROOT_HASH = 0x5EED_B10C
+BlockHash = bytes
+ROOT_HASH: BlockHash = b"paged-engine/prefix-cache/v1"
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra: Hashable = None) -> int:
-    """A block's identity: its parent's hash (hence the whole prefix), its tokens, and anything else
-    that changes its K/V (``extra``). Python hashes of int tuples are stable across processes."""
-    return hash((ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids), extra))
+def hash_block(parent_hash: BlockHash | None, token_ids: Sequence[int], extra: Hashable = None) -> BlockHash:
+    h = hashlib.sha256(ROOT_HASH if parent_hash is None else parent_hash)
+    h.update(array("q", token_ids).tobytes())
+    if extra is not None:
+        h.update(repr(extra).encode())
+    return h.digest()
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, start: list[int] | None = None) -> list[int]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, start: list[BlockHash] | None = None, extra: Hashable = None
+) -> list[BlockHash]:
     """Hashes of every full block of ``token_ids``, extending the already known ``start`` list."""
     hashes = list(start or [])
     for i in range(len(hashes), len(token_ids) // block_size):
         parent = hashes[-1] if hashes else None
-        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
+        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
     return hashes

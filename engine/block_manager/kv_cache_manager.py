@@ -1,34 +1,64 @@
-"""Per-request block tables on top of the block pool, with automatic prefix caching."""
+"""Per-request block tables on top of the block pool: prefix caching, sharing with copy-on-write,
+and swapping to host memory.
+
+Block operations the workers must carry out before the step's forward pass (swap-outs, swap-ins,
+copy-on-write copies) are queued here and collected by the scheduler with ``take_block_ops``.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.block_manager.block_pool import BlockPool, KVBlock
-from engine.block_manager.hashing import block_hashes
+from engine.block_manager.block_pool import BlockPool, HostBlockPool, KVBlock
+from engine.block_manager.hashing import block_hashes, hash_block
 from engine.request import Request
 
 
 @dataclass
-class PrefixCacheStats:
-    queries: int = 0  # prompt tokens looked up
-    hits: int = 0  # prompt tokens found cached
+class KVCacheStats:
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, tokens served from cached blocks
+    shared_prompt_tokens: int = 0  # n > 1: prompt tokens a sample took from its first sibling
+    cow_copies: int = 0  # blocks copied because a request wrote into a shared block
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+
+
+@dataclass
+class BlockOps:
+    """Copies the workers run before the forward pass, in this order."""
+
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks
+
+
+class KVCacheInvariantError(RuntimeError):
+    """The block accounting is inconsistent (a bug in the engine, never a user error)."""
 
 
 class KVCacheManager:
     """Hands out blocks to requests as their tokens are scheduled, and takes them back.
 
-    A request's table is ``request.block_ids``; this manager also keeps the KVBlock objects so
-    reference counts stay exact.
+    A request's table is ``request.block_ids``; this manager keeps the KVBlock objects so reference
+    counts stay exact. A block may appear in several tables (prefix hits, n > 1 sharing): it is
+    reference counted, and a request about to write into a block it shares gets its own copy first.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True, num_host_blocks: int = 0
+    ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
+        self.host_pool = HostBlockPool(num_host_blocks)
         self.enable_caching = enable_caching
         self.tables: dict[str, list[KVBlock]] = {}
+        self.host_tables: dict[str, list[int]] = {}  # swapped-out requests
         self.num_cached_blocks: dict[str, int] = {}  # per request: leading blocks already registered
-        self.prefix_stats = PrefixCacheStats()
+        self.stats = KVCacheStats()
+        self._ops = BlockOps()
+        self._rewritten: set[str] = set()  # requests whose table changed other than by appending
 
+    # ---- sizes -----------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
@@ -37,31 +67,92 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_pool.num_blocks
+
     def usage(self) -> float:
         return self.pool.usage()
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def is_swapped(self, request: Request) -> bool:
+        return request.request_id in self.host_tables
+
+    # ---- prefix caching --------------------------------------------------------------------
+    def _hashes(self, request: Request, num_tokens: int) -> list[bytes]:
+        request.block_hashes = block_hashes(
+            request.all_token_ids[:num_tokens], self.block_size, request.block_hashes
+        )
+        return request.block_hashes
+
     def get_computed_blocks(self, request: Request) -> list[KVBlock]:
         """The longest run of cached full blocks that prefixes the request's tokens.
 
-        At least one token is always left to compute, so the model produces logits for it.
+        At least one token is always left to compute, so the model produces logits for it. Requests
+        that want prompt logprobs need every prompt position computed, so they get no hits.
         """
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed (vLLM skips the cache too)
-        request.block_hashes = block_hashes(request.all_token_ids, self.block_size, request.block_hashes)
-        max_blocks = (request.num_tokens - 1) // self.block_size
+            return []
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        hashes = self._hashes(request, max_blocks * bs)
         hits: list[KVBlock] = []
-        for i, h in enumerate(request.block_hashes[:max_blocks]):
-            tokens = tuple(request.all_token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = self.pool.lookup(h, tokens)
+        parent = None
+        for i in range(max_blocks):
+            tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(hashes[i], parent, tokens)
             if block is None:
                 break
             hits.append(block)
-        self.prefix_stats.queries += request.num_tokens
-        self.prefix_stats.hits += len(hits) * self.block_size
+            parent = hashes[i]
         return hits
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.stats.prefix_queries += num_tokens
+        self.stats.prefix_hits += num_hit_tokens
+
+    def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_tokens: int) -> None:
+        """Registers blocks that are full once this step's tokens are written. Their K/V lands in
+        this step's forward pass, and attention backends write the whole step's K/V before reading
+        any of it, so a request admitted later in the same step may already hit them."""
+        if not self.enable_caching:
+            return
+        bs = self.block_size
+        num_full = min(num_tokens // bs, len(table))
+        start = self.num_cached_blocks.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._hashes(request, num_full * bs)
+        for i in range(start, num_full):
+            tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
+            self.pool.cache_block(table[i], hashes[i], hashes[i - 1] if i else None, tokens)
+        self.num_cached_blocks[request.request_id] = num_full
+
+    # ---- allocation ------------------------------------------------------------------------
+    def _cow_indices(self, table: list[KVBlock], start_token: int, end_token: int) -> list[int]:
+        """Table positions in the write range [start_token, end_token) that other tables share."""
+        if end_token <= start_token:
+            return []
+        first = start_token // self.block_size
+        last = min((end_token - 1) // self.block_size, len(table) - 1)
+        return [i for i in range(first, last + 1) if table[i].ref_count > 1]
+
+    def blocks_to_allocate(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None,
+        num_lookahead_tokens: int = 0,
+    ) -> int:
+        """How many free blocks ``allocate_slots`` would consume."""
+        table = self.tables.get(request.request_id, [])
+        computed_blocks = computed_blocks or []
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens + num_lookahead_tokens
+        num_new_blocks = max(self.blocks_needed(total) - len(table) - len(computed_blocks), 0)
+        # reviving cached blocks that sit in the free queue also consumes free blocks
+        num_revived = sum(1 for b in computed_blocks if b.ref_count == 0)
+        num_cow = len(self._cow_indices(table, num_computed, total))
+        return num_new_blocks + num_revived + num_cow
 
     def allocate_slots(
         self,
@@ -69,56 +160,175 @@ class KVCacheManager:
         num_new_tokens: int,
         computed_blocks: list[KVBlock] | None = None,
         num_lookahead_tokens: int = 0,
+        reserve: int = 0,
     ) -> bool:
         """Makes room for ``num_new_tokens`` more tokens (plus lookahead slots for speculation).
 
         ``computed_blocks`` are prefix-cache hits to attach first (only when the request has no
-        blocks yet). Returns False, changing nothing, when the pool cannot supply enough blocks.
+        blocks yet). Blocks in the write range that other requests share are copied first
+        (copy-on-write). Returns False, changing nothing, when fewer than the needed blocks plus
+        ``reserve`` are free.
         """
-        table = self.tables.setdefault(request.request_id, [])
         computed_blocks = computed_blocks or []
+        need = self.blocks_to_allocate(request, num_new_tokens, computed_blocks, num_lookahead_tokens)
+        if need + reserve > self.pool.num_free_blocks:
+            return False
+        rid = request.request_id
+        table = self.tables.setdefault(rid, [])
+        if computed_blocks:
+            if table:
+                raise RuntimeError(f"prefix hits attached to {rid}, which already holds blocks")
+            for block in computed_blocks:
+                self.pool.touch(block)
+            table.extend(computed_blocks)
+            self.num_cached_blocks[rid] = len(computed_blocks)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens + num_lookahead_tokens
-        num_new_blocks = self.blocks_needed(total) - len(table) - len(computed_blocks)
-        # reviving cached blocks that sit in the free queue also consumes free blocks
-        num_revived = sum(1 for b in computed_blocks if b.ref_count == 0)
-        if num_new_blocks + num_revived > self.pool.num_free_blocks:
-            if not table:
-                del self.tables[request.request_id]
-            return False
-        for block in computed_blocks:
-            self.pool.touch(block)
-        table.extend(computed_blocks)
-        if computed_blocks:
-            self.num_cached_blocks[request.request_id] = len(computed_blocks)
+        for i in self._cow_indices(table, num_computed, total):
+            src = table[i]
+            (dst,) = self.pool.allocate(1)
+            self._ops.copy.append((src.block_id, dst.block_id))
+            self.pool.free([src])
+            table[i] = dst
+            self.stats.cow_copies += 1
+            self._rewritten.add(rid)
+        num_new_blocks = self.blocks_needed(total) - len(table)
         if num_new_blocks > 0:
             table.extend(self.pool.allocate(num_new_blocks))
         request.block_ids = [b.block_id for b in table]
         self._cache_full_blocks(request, table, min(num_computed + num_new_tokens, request.num_tokens))
         return True
 
-    def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_tokens: int) -> None:
-        """Registers blocks that are full once this step's tokens are written. Their K/V lands in
-        this step's forward pass before any attention reads it, so later hits are safe."""
-        if not self.enable_caching:
-            return
-        bs = self.block_size
-        num_full = num_tokens // bs
-        start = self.num_cached_blocks.get(request.request_id, 0)
-        if num_full <= start:
-            return
-        request.block_hashes = block_hashes(request.all_token_ids[: num_full * bs], bs, request.block_hashes)
-        for i in range(start, num_full):
-            tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
-            self.pool.cache_block(table[i], request.block_hashes[i], tokens)
-        self.num_cached_blocks[request.request_id] = num_full
+    def fork(self, source: Request, request: Request, num_tokens: int) -> None:
+        """Lets ``request`` share the blocks holding ``source``'s first ``num_tokens`` tokens (the
+        same prompt, for n > 1). A later write into a shared partial block copies it first."""
+        if request.request_id in self.tables:
+            raise RuntimeError(f"cannot fork into {request.request_id}: it already holds blocks")
+        shared = self.tables[source.request_id][: self.blocks_needed(num_tokens)]
+        for block in shared:
+            self.pool.touch(block)
+        self.tables[request.request_id] = list(shared)
+        self.num_cached_blocks[request.request_id] = min(
+            self.num_cached_blocks.get(source.request_id, 0), num_tokens // self.block_size
+        )
+        request.block_hashes = list(source.block_hashes[: num_tokens // self.block_size])
+        request.block_ids = [b.block_id for b in shared]
+        self.stats.shared_prompt_tokens += num_tokens
 
-    def free(self, request: Request) -> None:
-        """Returns all the request's blocks (tail first, so its prefix stays cached longest)."""
-        table = self.tables.pop(request.request_id, [])
-        self.num_cached_blocks.pop(request.request_id, None)
+    # ---- swapping --------------------------------------------------------------------------
+    def can_swap_out(self, request: Request) -> bool:
+        n = self.blocks_needed(request.num_computed_tokens)
+        return 0 < n <= self.host_pool.num_free_blocks
+
+    def swap_out(self, request: Request) -> None:
+        """Moves the request's computed K/V to host blocks and frees its device blocks."""
+        rid = request.request_id
+        table = self.tables.pop(rid)
+        keep = self.blocks_needed(request.num_computed_tokens)
+        host = self.host_pool.allocate(keep)
+        self._ops.swap_out.extend((b.block_id, h) for b, h in zip(table, host))
+        self.host_tables[rid] = host
+        self.num_cached_blocks.pop(rid, None)
         self.pool.free(list(reversed(table)))
+        self.stats.swapped_out_blocks += keep
         request.block_ids = []
 
-    def reset_prefix_cache(self) -> None:
-        self.pool.reset_prefix_cache()
+    def swap_in_blocks_needed(self, request: Request) -> int:
+        return len(self.host_tables.get(request.request_id, ()))
+
+    def swap_in(self, request: Request) -> None:
+        """Gives a swapped-out request fresh device blocks and queues the copies back."""
+        rid = request.request_id
+        host = self.host_tables.pop(rid)
+        table = self.pool.allocate(len(host))
+        self._ops.swap_in.extend((h, b.block_id) for h, b in zip(host, table))
+        self.host_pool.free(host)
+        self.tables[rid] = table
+        # its full blocks are registered again (under their hashes) when allocate_slots runs next
+        self.num_cached_blocks[rid] = 0
+        self._rewritten.add(rid)
+        self.stats.swapped_in_blocks += len(table)
+        request.block_ids = [b.block_id for b in table]
+
+    # ---- release ---------------------------------------------------------------------------
+    def free(self, request: Request) -> None:
+        """Returns all the request's device and host blocks (device tail first, so its prefix
+        stays cached longest)."""
+        rid = request.request_id
+        table = self.tables.pop(rid, [])
+        self.num_cached_blocks.pop(rid, None)
+        self.pool.free(list(reversed(table)))
+        self.host_pool.free(self.host_tables.pop(rid, []))
+        self._rewritten.discard(rid)
+        request.block_ids = []
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    # ---- per step --------------------------------------------------------------------------
+    def take_block_ops(self) -> BlockOps:
+        ops, self._ops = self._ops, BlockOps()
+        return ops
+
+    def take_rewritten(self) -> set[str]:
+        """Requests whose block table changed in place since the last call (CoW, swap-in)."""
+        out, self._rewritten = self._rewritten, set()
+        return out
+
+    def get_stats(self) -> dict:
+        pool = self.pool
+        return {
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_free": pool.num_free_blocks,
+            "kv_blocks_used": pool.num_used_blocks,
+            "kv_blocks_cached": pool.num_cached_blocks,
+            "kv_cache_usage": pool.usage(),
+            "kv_host_blocks_total": self.host_pool.num_blocks,
+            "kv_host_blocks_free": self.host_pool.num_free_blocks,
+            "prefix_cache_queries": self.stats.prefix_queries,
+            "prefix_cache_hits": self.stats.prefix_hits,
+            "prefix_cache_hit_rate": self.stats.prefix_hits / self.stats.prefix_queries if self.stats.prefix_queries else 0.0,
+            "prefix_cache_evictions": pool.num_evictions,
+            "shared_prompt_tokens": self.stats.shared_prompt_tokens,
+            "cow_copies": self.stats.cow_copies,
+            "swapped_out_blocks": self.stats.swapped_out_blocks,
+            "swapped_in_blocks": self.stats.swapped_in_blocks,
+        }
+
+    # ---- checking --------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raises KVCacheInvariantError if the accounting is inconsistent. For tests and debugging."""
+
+        def fail(msg: str) -> None:
+            raise KVCacheInvariantError(msg)
+
+        pool = self.pool
+        refs = [0] * pool.num_blocks
+        for rid, table in self.tables.items():
+            if len({b.block_id for b in table}) != len(table):
+                fail(f"{rid} holds a block twice")
+            for b in table:
+                refs[b.block_id] += 1
+        free_ids = set(pool.free_queue)
+        if len(free_ids) + sum(1 for r in refs if r) != pool.num_blocks:
+            fail(f"free {len(free_ids)} + used {sum(1 for r in refs if r)} != total {pool.num_blocks}")
+        for block in pool.blocks:
+            if block.ref_count != refs[block.block_id]:
+                fail(f"block {block.block_id}: ref_count {block.ref_count}, held by {refs[block.block_id]} tables")
+            if (block.block_id in free_ids) != (block.ref_count == 0):
+                fail(f"block {block.block_id}: ref_count {block.ref_count} but in free queue: {block.block_id in free_ids}")
+            if block.block_hash is not None:
+                if block.token_ids is None or len(block.token_ids) != self.block_size:
+                    fail(f"cached block {block.block_id} is not full")
+                if hash_block(block.parent_hash, block.token_ids) != block.block_hash:
+                    fail(f"cached block {block.block_id}: hash does not match its tokens")
+        for h, block_id in pool.cached.items():
+            if pool.blocks[block_id].block_hash != h:
+                fail(f"cache index maps a hash to block {block_id}, which holds another")
+        host_held = [h for t in self.host_tables.values() for h in t]
+        if len(set(host_held)) != len(host_held):
+            fail("a host block is held twice")
+        if len(host_held) + self.host_pool.num_free_blocks != self.host_pool.num_blocks:
+            fail("host blocks are not conserved")
+        if set(host_held) & set(self.host_pool._free):
+            fail("a host block is both free and held")

@@ -53,7 +53,12 @@ class LLMEngine:
                 "the KV cache holds %d tokens, fewer than max_model_len=%d: longer sequences stop early",
                 num_blocks * bs, config.model.max_model_len,
             )
-        self.kv_cache = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        num_host_blocks = 0
+        if config.scheduler.preemption_mode == "swap":
+            num_host_blocks = config.cache.swap_space_bytes // per_block
+            self.executor.init_swap_space(num_host_blocks)
+            logger.info("swap space: %d host blocks (%.1f MiB)", num_host_blocks, num_host_blocks * per_block / 2**20)
+        self.kv_cache = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -175,9 +180,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and returns an output for every request that progressed."""
         so = self.scheduler.schedule()
-        if so.is_empty:
+        if not so.needs_workers:
             return []
         result = self.executor.execute_model(so)
+        if so.is_empty:  # only block copies or dropped states this step
+            return []
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
         for rid, (first, entries) in getattr(result, "prompt_logprobs", {}).items():
             self.output_processor.add_prompt_logprobs(rid, first, entries)
@@ -201,12 +208,8 @@ class LLMEngine:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
-            "kv_blocks_total": kv.num_blocks,
-            "kv_blocks_free": kv.num_free_blocks,
-            "kv_blocks_used": kv.num_blocks - kv.num_free_blocks,
-            "kv_cache_usage": kv.usage(),
-            "prefix_cache_queries": kv.prefix_stats.queries,
-            "prefix_cache_hits": kv.prefix_stats.hits,
+            "num_swapped": self.scheduler.num_swapped,
+            **kv.get_stats(),
             **{f"scheduler_{k}": v for k, v in asdict(self.scheduler.stats).items()},
             "prompt_tokens_total": self.scheduler.stats.num_prefill_tokens,
             "generation_tokens_total": self.num_generation_tokens,

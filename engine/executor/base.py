@@ -30,6 +30,9 @@ class Executor(ABC):
     def init_cache(self, num_blocks: int) -> None:
         self.collective_rpc("init_cache", num_blocks)
 
+    def init_swap_space(self, num_host_blocks: int) -> None:
+        self.collective_rpc("init_swap_space", num_host_blocks)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", scheduler_output)[0]
 

@@ -19,10 +19,14 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
-    """A request the workers already know: only its newly allocated blocks travel."""
+    """A request the workers already know: only its newly allocated blocks travel, unless
+    ``reset_block_ids`` says ``new_block_ids`` is the whole table (after a preemption, a swap-in
+    or a copy-on-write replaced blocks in place). Workers keep a preempted request's state (its
+    sampling generator included) until it finishes, so a resumed request continues its stream."""
 
     req_id: str
     new_block_ids: list[int]
+    reset_block_ids: bool = False
 
 
 @dataclass
@@ -41,6 +45,7 @@ class SchedulerOutput:
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
     preempted_req_ids: set[str] = field(default_factory=set)
+    # block copies workers run before the forward pass, in this order: swap_out, swap_in, copy_blocks
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
@@ -52,3 +57,13 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.req_ids
+
+    @property
+    def has_block_ops(self) -> bool:
+        return bool(self.swap_out or self.swap_in or self.copy_blocks)
+
+    @property
+    def needs_workers(self) -> bool:
+        """Whether workers must see this step even when nothing is scheduled (pending copies,
+        or finished requests whose state they should drop)."""
+        return bool(self.req_ids or self.has_block_ops or self.finished_req_ids)

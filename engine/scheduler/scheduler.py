@@ -1,42 +1,76 @@
-"""Iteration-level continuous batching under a token budget."""
+"""Iteration-level continuous batching under a token budget, with preemption and n > 1 sharing.
+
+See docs/scheduling.md for the policies and the rules this scheduler keeps.
+"""
 from __future__ import annotations
 
 import bisect
+import heapq
 import time
 from dataclasses import dataclass, field
 
-from engine.block_manager.kv_cache_manager import KVCacheManager
+from engine.block_manager.kv_cache_manager import KVBlock, KVCacheManager
 from engine.config import SchedulerConfig
 from engine.errors import PromptTooLongError
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.scheduler.policy import make_policy
 
+WATERMARK_FRACTION = 0.01  # vLLM's watermark: admissions leave 1% of the blocks free for growth
+
 
 @dataclass
 class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
+    num_recompute_preemptions: int = 0
+    num_swap_preemptions: int = 0
+    num_priority_preemptions: int = 0  # running requests displaced by a higher-priority arrival
+    num_swap_ins: int = 0
+    num_forked_samples: int = 0  # n > 1 samples that shared a sibling's computed prompt
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # the last step's batch composition
     last_num_decodes: int = 0
     last_num_prefills: int = 0
     last_num_scheduled_tokens: int = 0
+    last_num_preempted: int = 0
+    last_num_running: int = 0
+    last_num_waiting: int = 0
+    last_num_swapped: int = 0
 
 
 @dataclass
-class _Batch:
+class _Step:
+    """Working state of one schedule() call."""
+
+    budget: int
     decodes: list[tuple[Request, int]] = field(default_factory=list)
     prefills: list[tuple[Request, int]] = field(default_factory=list)
+    scheduled: set[str] = field(default_factory=set)
+    preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
+    growth_preempted: bool = False
+
+
+@dataclass
+class _Admission:
+    kind: str  # "new" (prefix-cache lookup), "fork" (share a sibling's prompt) or "swap_in"
+    num_new: int
+    need: int  # free blocks it consumes
+    computed: list[KVBlock] = field(default_factory=list)
+    source: Request | None = None
 
 
 class Scheduler:
     """Each step assigns every runnable request a number of tokens to compute.
 
-    Running requests are served first, in policy order, then waiting ones; prefill chunks and
-    decodes share one step. When blocks run out, the lowest-priority running request (the most
-    recently arrived under fcfs) is preempted by recompute; the first request in policy order can
-    always proceed, so the engine never stalls.
+    fcfs: running requests are served first, oldest first, then waiting ones in arrival order.
+    priority: running and waiting requests are served in one (priority, arrival) order, so a
+    waiting request can preempt running ones of strictly lower priority. When blocks run out, the
+    last request in policy order that is not yet scheduled this step is preempted (by recompute, or
+    by swap when configured and host blocks are free); the first request in policy order can always
+    proceed, so the engine never stalls.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
@@ -46,13 +80,16 @@ class Scheduler:
         self.block_size = kv_cache.block_size
         # a sequence can never grow past what the whole cache holds
         self.max_model_len = min(config.max_model_len, kv_cache.num_blocks * self.block_size)
+        self.watermark_blocks = max(int(kv_cache.num_blocks * WATERMARK_FRACTION), 1)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.stats = SchedulerStats()
         self._step = 0
-        self._sent_blocks: dict[str, int] = {}  # req id -> blocks the workers know of
+        self._sent_blocks: dict[str, int] = {}  # req id -> blocks of its table the workers know
+        self._reset_tables: set[str] = set()  # known to workers, but their table must be resent whole
         self._finished_ids: set[str] = set()
+        self._group_leader: dict[str, str] = {}  # n > 1: parent id -> the sample that prefills
 
     # ---- admission -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int) -> None:
@@ -64,7 +101,7 @@ class Scheduler:
                 f"the prompt has {num_prompt_tokens} tokens, more than max_model_len={self.config.max_model_len}; "
                 "shorten it or raise max_model_len"
             )
-        needed = self.kv_cache.blocks_needed(num_prompt_tokens + 1)
+        needed = self.kv_cache.blocks_needed(num_prompt_tokens)
         if needed > self.kv_cache.num_blocks:
             raise PromptTooLongError(
                 f"the prompt needs {needed} KV blocks but the cache has only {self.kv_cache.num_blocks}; "
@@ -78,6 +115,12 @@ class Scheduler:
         params = request.sampling_params
         if params.max_tokens is None:  # generation then ends at max_model_len
             params.max_tokens = max(self.max_model_len - request.num_prompt_tokens, 1)
+        pid = request.parent_id
+        if pid is not None and pid != request.request_id:  # one sample of an n > 1 request
+            leader_id = self._group_leader.setdefault(pid, request.request_id)
+            leader = self.requests.get(leader_id)
+            if leader is not None and leader.prompt_token_ids == request.prompt_token_ids:
+                request.fork_from = leader_id
         self.requests[request.request_id] = request
         self._insert_waiting(request)
 
@@ -92,111 +135,211 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def num_swapped(self) -> int:
+        return len(self.kv_cache.host_tables)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._step += 1
-        budget = self.config.max_num_batched_tokens
-        batch = _Batch()
-        preempted: set[str] = set()
-
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
-            num_new = min(num_new, self.max_model_len - req.num_computed_tokens)
-            if num_new <= 0:
-                i += 1
-                continue
-            while not self.kv_cache.allocate_slots(req, num_new):
-                victim = self.running.pop()  # lowest in policy order; never one scheduled already
-                self._preempt(victim)
-                preempted.add(victim.request_id)
-                if victim is req:
-                    break
+        st = _Step(budget=self.config.max_num_batched_tokens)
+        if self.policy.name == "priority":
+            order = list(heapq.merge(self.running, self.waiting, key=self.policy.sort_key))
+        else:
+            order = self.running + self.waiting
+        for req in order:
+            if st.budget <= 0:
+                break
+            if req.status == RequestStatus.RUNNING:
+                self._schedule_running(req, st)
+            elif req.status == RequestStatus.PREEMPTED and req in st.preempted:
+                continue  # preempted earlier in this step: it waits at least one step
             else:
-                self._add_to_batch(batch, req, num_new)
-                budget -= num_new
-                i += 1
-
-        admitted: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            computed = self.kv_cache.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
-            num_computed = req.num_computed_tokens + len(computed) * self.block_size
-            num_new = req.num_tokens - num_computed
-            if not self.config.enable_chunked_prefill and num_new > budget:
-                break
-            num_new = min(num_new, budget)
-            if not self.kv_cache.allocate_slots(req, num_new, computed):
-                break
-            self.waiting.pop(0)
-            if req.status == RequestStatus.WAITING:
-                req.num_cached_tokens = num_computed
-                req.metrics.first_scheduled_time = time.time()
-            req.num_computed_tokens = num_computed
-            req.status = RequestStatus.RUNNING
-            req.resumed_step = self._step
-            admitted.append(req)
-            self._add_to_batch(batch, req, num_new)
-            budget -= num_new
-        for req in admitted:
+                if st.growth_preempted or len(self.running) + len(st.admitted) >= self.config.max_num_seqs:
+                    break  # no admissions into a cache that just overflowed (no thrashing)
+                if self._schedule_waiting(req, st) is False:
+                    break  # policy order: nothing behind a blocked request jumps the queue
+        for req in st.admitted:
+            self.waiting.remove(req)
             self._insert_running(req)
+        return self._make_output(st)
 
-        return self._make_output(batch, preempted)
+    def _schedule_running(self, req: Request, st: _Step) -> None:
+        num_new = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, st.budget)
+        num_new = min(num_new, self.max_model_len - req.num_computed_tokens)
+        if num_new <= 0:
+            return
+        while not self.kv_cache.allocate_slots(req, num_new):
+            victim = self._pick_victim(st)  # never None: req itself qualifies
+            self._preempt(victim, st)
+            st.growth_preempted = True
+            if victim is req:
+                return
+        self._add_to_batch(st, req, num_new)
 
-    def _add_to_batch(self, batch: _Batch, req: Request, num_new: int) -> None:
+    def _pick_victim(self, st: _Step, below_priority: int | None = None) -> Request | None:
+        """The last running request in policy order that this step has not scheduled or resumed
+        (with ``below_priority``: only one of a strictly lower priority, i.e. a larger value)."""
+        for r in reversed(self.running):
+            if r.request_id in st.scheduled or r.resumed_step == self._step:
+                continue
+            if below_priority is not None and r.priority <= below_priority:
+                return None  # running is in policy order: nothing before it qualifies either
+            return r
+        return None
+
+    def _plan_admission(self, req: Request, budget: int) -> _Admission | None | bool:
+        """How ``req`` would start this step; None when it must wait for a sibling's prefill,
+        False when its first chunk exceeds the budget without chunked prefill."""
+        kv = self.kv_cache
+        if kv.is_swapped(req):
+            num_new = req.num_tokens - req.num_computed_tokens
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                return False
+            num_new = min(num_new, budget)
+            held = kv.swap_in_blocks_needed(req)
+            grow = max(kv.blocks_needed(req.num_computed_tokens + num_new) - held, 0)
+            return _Admission("swap_in", num_new, held + grow)
+        if req.fork_from is not None:
+            leader = self.requests.get(req.fork_from)
+            if leader is not None and leader.status == RequestStatus.RUNNING and not kv.is_swapped(leader):
+                if leader.num_computed_tokens < req.num_prompt_tokens:
+                    return None  # its sibling is still computing the shared prompt
+                return _Admission("fork", 1, 1, source=leader)
+            req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
+        computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+        num_computed = req.num_computed_tokens + len(computed) * self.block_size
+        num_new = req.num_tokens - num_computed
+        if not self.config.enable_chunked_prefill and num_new > budget:
+            return False
+        num_new = min(num_new, budget)
+        return _Admission("new", num_new, kv.blocks_to_allocate(req, num_new, computed), computed)
+
+    def _schedule_waiting(self, req: Request, st: _Step) -> bool:
+        """Admits ``req`` if it fits; returns False when it is blocked (and nothing should pass it)."""
+        kv = self.kv_cache
+        priority = self.policy.name == "priority"
+        reserve = self.watermark_blocks if (self.running or st.admitted) else 0
+        while True:
+            plan = self._plan_admission(req, st.budget)
+            if plan is None:
+                return True  # not ready; later requests may go ahead
+            if plan is False:
+                return False
+            if plan.need + reserve <= kv.num_free_blocks:
+                break
+            victim = self._pick_victim(st, below_priority=req.priority) if priority else None
+            if victim is None:
+                return False
+            self._preempt(victim, st)
+            self.stats.num_priority_preemptions += 1
+            reserve = self.watermark_blocks if (self.running or st.admitted) else 0
+        first_time = req.status == RequestStatus.WAITING
+        if plan.kind == "swap_in":
+            kv.swap_in(req)
+            self.stats.num_swap_ins += 1
+            ok = kv.allocate_slots(req, plan.num_new)
+        elif plan.kind == "fork":
+            kv.fork(plan.source, req, req.num_prompt_tokens - 1)
+            req.num_computed_tokens = req.num_prompt_tokens - 1
+            self.stats.num_forked_samples += 1
+            ok = kv.allocate_slots(req, plan.num_new)
+        else:
+            ok = kv.allocate_slots(req, plan.num_new, plan.computed)
+            req.num_computed_tokens += len(plan.computed) * self.block_size
+            if first_time:
+                req.num_cached_tokens = req.num_computed_tokens
+                kv.record_prefix_query(req.num_prompt_tokens, req.num_computed_tokens)
+        if not ok:  # plan.need was checked against the free blocks just above
+            raise RuntimeError(f"block accounting error admitting {req.request_id}")
+        req.fork_from = None
+        if first_time:
+            req.metrics.first_scheduled_time = time.time()
+        req.status = RequestStatus.RUNNING
+        req.resumed_step = self._step
+        st.admitted.append(req)
+        self._add_to_batch(st, req, plan.num_new)
+        return True
+
+    def _add_to_batch(self, st: _Step, req: Request, num_new: int) -> None:
         is_decode = num_new == 1 and req.num_computed_tokens + 1 == req.num_tokens
-        (batch.decodes if is_decode else batch.prefills).append((req, num_new))
+        (st.decodes if is_decode else st.prefills).append((req, num_new))
+        st.scheduled.add(req.request_id)
+        st.budget -= num_new
 
-    def _preempt(self, req: Request) -> None:
-        self.kv_cache.free(req)
+    def _preempt(self, req: Request, st: _Step) -> None:
+        """Frees a running request's device blocks: swapped to host when configured and room is
+        left there, else dropped (its tokens are recomputed, mostly from the prefix cache)."""
+        self.running.remove(req)
+        if self.config.preemption_mode == "swap" and self.kv_cache.can_swap_out(req):
+            self.kv_cache.swap_out(req)
+            self.stats.num_swap_preemptions += 1
+        else:
+            self.kv_cache.free(req)
+            req.num_computed_tokens = 0
+            self.stats.num_recompute_preemptions += 1
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.spec_token_ids = []
         req.num_preemptions += 1
         req.metrics.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self._sent_blocks.pop(req.request_id, None)
+        if req.request_id in self._sent_blocks:
+            self._reset_tables.add(req.request_id)
+        st.preempted.append(req)
         self._insert_waiting(req)
 
-    def _make_output(self, batch: _Batch, preempted: set[str]) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_ids, preempted_req_ids=preempted)
+    def _make_output(self, st: _Step) -> SchedulerOutput:
+        ops = self.kv_cache.take_block_ops()
+        out = SchedulerOutput(
+            finished_req_ids=self._finished_ids,
+            preempted_req_ids={r.request_id for r in st.preempted},
+            swap_out=ops.swap_out,
+            swap_in=ops.swap_in,
+            copy_blocks=ops.copy,
+        )
         self._finished_ids = set()
-        for req, num_new in batch.decodes + batch.prefills:
+        self._reset_tables |= self.kv_cache.take_rewritten()
+        for req, num_new in st.decodes + st.prefills:
+            rid = req.request_id
             start = req.num_computed_tokens
             tokens = req.all_token_ids[start : start + num_new]
             spec = []
             if len(tokens) < num_new:  # the rest are speculative proposals
                 spec = req.spec_token_ids[: num_new - len(tokens)]
-                out.spec_token_ids[req.request_id] = spec
-            out.req_ids.append(req.request_id)
+                out.spec_token_ids[rid] = spec
+            out.req_ids.append(rid)
             out.num_scheduled_tokens.append(num_new)
             out.num_computed_tokens.append(start)
             out.token_ids.append(tokens + spec)
             out.sample.append(start + num_new >= req.num_tokens)
-            sent = self._sent_blocks.get(req.request_id)
+            sent = self._sent_blocks.get(rid)
             if sent is None:
+                self._reset_tables.discard(rid)
                 out.new_requests.append(
                     NewRequestData(
-                        req.request_id,
-                        req.prompt_token_ids,
-                        list(req.output_token_ids),
-                        req.sampling_params,
-                        list(req.block_ids),
+                        rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params, list(req.block_ids)
                     )
                 )
+            elif rid in self._reset_tables:
+                out.cached_requests.append(CachedRequestData(rid, list(req.block_ids), reset_block_ids=True))
+                self._reset_tables.discard(rid)
             else:
-                out.cached_requests.append(CachedRequestData(req.request_id, req.block_ids[sent:]))
-            self._sent_blocks[req.request_id] = len(req.block_ids)
-        self.stats.num_steps += 1
-        self.stats.last_num_decodes = len(batch.decodes)
-        self.stats.last_num_prefills = len(batch.prefills)
-        self.stats.last_num_scheduled_tokens = out.total_num_scheduled_tokens
-        self.stats.num_decode_tokens += len(batch.decodes)
-        self.stats.num_prefill_tokens += out.total_num_scheduled_tokens - len(batch.decodes)
+                out.cached_requests.append(CachedRequestData(rid, req.block_ids[sent:]))
+            self._sent_blocks[rid] = len(req.block_ids)
+        s = self.stats
+        s.num_steps += 1
+        s.last_num_decodes = len(st.decodes)
+        s.last_num_prefills = len(st.prefills)
+        s.last_num_scheduled_tokens = out.total_num_scheduled_tokens
+        s.last_num_preempted = len(st.preempted)
+        s.last_num_running = len(self.running)
+        s.last_num_waiting = len(self.waiting)
+        s.last_num_swapped = self.num_swapped
+        s.num_decode_tokens += len(st.decodes)
+        s.num_prefill_tokens += out.total_num_scheduled_tokens - len(st.decodes)
         return out
 
     # ---- results ---------------------------------------------------------------------------
@@ -251,7 +394,8 @@ class Scheduler:
         return None
 
     def finish_requests(self, request_ids: str | list[str], status: RequestStatus) -> list[Request]:
-        """Ends requests wherever they are (waiting, running, preempted) and frees their blocks."""
+        """Ends requests wherever they are (waiting, running, preempted or swapped out) and frees
+        every block they hold."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         done = []
@@ -259,20 +403,22 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
-            if req in self.running:
-                self.running.remove(req)
-            elif req in self.waiting:
-                self.waiting.remove(req)
             self._finish(req, status)
             done.append(req)
         return done
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        if req in self.running:
+        if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        else:
+            self.waiting.remove(req)
         req.status = status
         req.metrics.finished_time = time.time()
         self.kv_cache.free(req)
-        if self._sent_blocks.pop(req.request_id, None) is not None:
-            self._finished_ids.add(req.request_id)
-        del self.requests[req.request_id]
+        rid = req.request_id
+        self._reset_tables.discard(rid)
+        if self._sent_blocks.pop(rid, None) is not None:
+            self._finished_ids.add(rid)
+        if req.parent_id is not None and self._group_leader.get(req.parent_id) == rid:
+            del self._group_leader[req.parent_id]
+        del self.requests[rid]

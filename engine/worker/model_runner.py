@@ -36,6 +36,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # swap space
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.attn_backend = None
@@ -68,14 +69,52 @@ class ModelRunner:
             attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
             self.kv_caches.append((k, v))
 
+    def init_swap_space(self, num_host_blocks: int) -> None:
+        """Host copies of every layer's K/V cache, same block layout, for preemption by swap."""
+        pin = self.device.type == "cuda"
+        self.host_kv_caches = [
+            (
+                torch.zeros((num_host_blocks, *k.shape[1:]), dtype=k.dtype, pin_memory=pin),
+                torch.zeros((num_host_blocks, *v.shape[1:]), dtype=v.dtype, pin_memory=pin),
+            )
+            for k, v in self.kv_caches
+        ]
+
+    def _apply_block_ops(self, so: SchedulerOutput) -> None:
+        """Runs the step's block copies before its forward pass: swap-outs first (their device
+        blocks may be handed to others in this step), then swap-ins, then copy-on-write."""
+        if so.swap_out:
+            src = torch.tensor([d for d, _ in so.swap_out], device=self.device)
+            dst = torch.tensor([h for _, h in so.swap_out])
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_kv_caches):
+                hk[dst] = k[src].to("cpu")
+                hv[dst] = v[src].to("cpu")
+        if so.swap_in:
+            src = torch.tensor([h for h, _ in so.swap_in])
+            dst = torch.tensor([d for _, d in so.swap_in], device=self.device)
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_kv_caches):
+                k[dst] = hk[src].to(self.device, non_blocking=True)
+                v[dst] = hv[src].to(self.device, non_blocking=True)
+        if so.copy_blocks:
+            src = torch.tensor([s for s, _ in so.copy_blocks], device=self.device)
+            dst = torch.tensor([d for _, d in so.copy_blocks], device=self.device)
+            for k, v in self.kv_caches:
+                k[dst] = k[src]
+                v[dst] = v[src]
+
     # ---- per step --------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
-        for rid in so.finished_req_ids | so.preempted_req_ids:
+        # preempted requests keep their state (and generator) until they resume or finish
+        for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
         for data in so.new_requests:
             self.requests[data.req_id] = CachedRequestState.create(data, self.device)
         for data in so.cached_requests:
-            self.requests[data.req_id].block_ids.extend(data.new_block_ids)
+            state = self.requests[data.req_id]
+            if data.reset_block_ids:
+                state.block_ids = list(data.new_block_ids)
+            else:
+                state.block_ids.extend(data.new_block_ids)
 
     def _prepare(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size
@@ -129,6 +168,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
+        self._apply_block_ops(so)
         if so.is_empty:
             return ModelRunnerOutput([], [])
         input_ids, positions, meta, logits_indices = self._prepare(so)

@@ -66,6 +66,9 @@ class Worker:
     def init_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
+    def init_swap_space(self, num_host_blocks: int) -> None:
+        self.runner.init_swap_space(num_host_blocks)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute(scheduler_output)
         return out if self.rank == 0 else None
