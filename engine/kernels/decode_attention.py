@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton_compat import dot_precision, next_pow2, patch_interpreter_scalar_index
+from engine.kernels.triton_compat import dot_precision, next_pow2, patch_interpreter
 
-patch_interpreter_scalar_index()
+patch_interpreter()
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # context tokens per tile, independent of the cache block size

@@ -5,9 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton_compat import next_pow2, patch_interpreter_scalar_index
+from engine.kernels.triton_compat import next_pow2, patch_interpreter
 
-patch_interpreter_scalar_index()
+patch_interpreter()
 
 
 @triton.jit
