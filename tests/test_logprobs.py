@@ -66,7 +66,7 @@ def test_sample_and_prompt_logprobs_match_transformers(llm, hf_model):
         SamplingParams(temperature=1.0, seed=7, max_tokens=6, logprobs=3, prompt_logprobs=0),
     ]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert len(outs[0].prompt_token_ids) > 2 * 24
+    assert len(outs[0].prompt_token_ids) > 24 + 10
     for out, p in zip(outs, params):
         prompt_ids = out.prompt_token_ids
         comp = out.outputs[0]
