@@ -291,6 +291,15 @@ class Scheduler:
         st.preempted.append(req)
         self._insert_waiting(req)
 
+    def preempt_request(self, request_id: str) -> bool:
+        """Preempts a running request between steps (as memory pressure would), in the configured
+        mode. For operators and tests; returns False when it is not running."""
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.RUNNING:
+            return False
+        self._preempt(req, _Step(budget=0))
+        return True
+
     def _make_output(self, st: _Step) -> SchedulerOutput:
         ops = self.kv_cache.take_block_ops()
         out = SchedulerOutput(
