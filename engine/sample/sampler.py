@@ -45,6 +45,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     """Masks (to -inf) tokens outside each row's top-k and nucleus top-p set."""
     if top_k is None and top_p is None:
         return logits
+    if top_p is None:
+        # top-k alone needs only each row's k-th largest value: topk, not a full sort
+        vocab = logits.shape[-1]
+        active = top_k < vocab  # rows without top-k hold the vocabulary size
+        max_k = int(top_k[active].max())
+        top_vals = logits.topk(max_k, dim=-1).values
+        kth = top_vals.gather(1, (top_k - 1).clamp(0, max_k - 1).unsqueeze(1))
+        kth = kth.masked_fill(~active.unsqueeze(1), float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     vocab = logits.shape[-1]
     if top_k is not None:
