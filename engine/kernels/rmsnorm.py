@@ -35,10 +35,19 @@ def _rms_norm_kernel(
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm as Llama defines it (computed in fp32). With ``residual``, first adds it to ``x`` and
-    returns ``(normed, x + residual)``: the new residual stream. Inputs are not modified."""
+    returns ``(normed, x + residual)``: the new residual stream.
+
+    ``out`` / ``residual_out`` may be given (contiguous, x's shape); they may alias ``x`` / ``residual``
+    for an in-place update, since each row is read completely before it is written."""
     shape = x.shape
     n = shape[-1]
     x2 = x.reshape(-1, n)
@@ -46,22 +55,30 @@ def rms_norm(
         x2 = x2.contiguous()
     rows = x2.shape[0]
     # the reference computes weight * normed.to(x.dtype): the result takes the promoted dtype
-    out = torch.empty((rows, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=x.device)
+    elif out.dtype != out_dtype or out.shape != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {tuple(shape)}")
     if residual is not None:
         if residual.dtype != x.dtype:
             raise ValueError("rms_norm needs x and residual of the same dtype")
         r2 = residual.reshape(-1, n)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-        res_out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+        if residual_out is None:
+            residual_out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        elif residual_out.dtype != x.dtype or residual_out.shape != shape or not residual_out.is_contiguous():
+            raise ValueError(f"residual_out must be a contiguous {x.dtype} tensor of shape {tuple(shape)}")
+        res2 = residual_out.view(rows, n)
     else:
-        r2 = res_out = x2  # never touched: HAS_RESIDUAL is off
+        r2 = res2 = x2  # never touched: HAS_RESIDUAL is off
+    out2 = out.view(rows, n)
     if rows:
         _rms_norm_kernel[(rows,)](
-            x2, r2, weight.contiguous(), out, res_out,
-            x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
+            x2, r2, weight.contiguous(), out2, res2,
+            x2.stride(0), r2.stride(0), out2.stride(0), res2.stride(0),
             n, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
         )
-    out = out.view(shape)
-    return out if residual is None else (out, res_out.view(shape))
+    return out if residual is None else (out, residual_out)

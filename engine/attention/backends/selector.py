@@ -1,14 +1,79 @@
-"""Chooses the attention backend once at start-up."""
+"""Chooses the attention backend once at start-up.
+
+``auto`` is Triton on CUDA and torch elsewhere. Backend modules are imported lazily: only the chosen one is
+loaded, so triton (whose interpreter mode is fixed when it is imported) and the optional xformers are never
+pulled in by a CPU run.
+"""
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from engine.attention.backends.base import AttentionBackend
 
+BACKENDS = ("auto", "triton", "torch", "xformers")
+
+
+def triton_interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _torch_backend() -> AttentionBackend:
+    from engine.attention.backends.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+def _triton_backend(device: torch.device) -> AttentionBackend:
+    if not _triton_installed():
+        raise ValueError("attention_backend='triton' needs the triton package, which is not installed")
+    if device.type != "cuda" and not triton_interpreter_requested():
+        raise ValueError(
+            f"attention_backend='triton' runs on CUDA devices, not {device.type}; use 'torch' (or 'auto'), "
+            "or set TRITON_INTERPRET=1 before start-up to run the kernels in Triton's (slow) CPU interpreter"
+        )
+    from engine.attention.backends.triton_backend import TritonAttentionBackend
+
+    return TritonAttentionBackend()
+
+
+def _xformers_backend(device: torch.device) -> AttentionBackend:
+    if device.type != "cuda":
+        raise ValueError(
+            f"attention_backend='xformers' needs a CUDA device (xformers has no {device.type} kernels); "
+            "use 'torch' or 'auto'"
+        )
+    from engine.attention.backends.xformers_backend import load_xformers
+
+    try:
+        api = load_xformers()
+    except ImportError as e:
+        raise ValueError(
+            f"attention_backend='xformers' but xformers is not importable ({e}); install the optional "
+            "xformers extra or use 'auto'"
+        ) from e
+    from engine.attention.backends.xformers_backend import XFormersAttentionBackend
+
+    return XFormersAttentionBackend(api)
+
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("auto", "torch") and device.type == "cpu":
-        from engine.attention.backends.torch_backend import TorchAttentionBackend
-
-        return TorchAttentionBackend()
-    raise ValueError(f"attention_backend={name!r} is not available on {device}")
+    """Returns the backend for ``name`` on ``device``; a ValueError says why a choice cannot run here."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention_backend={name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        if device.type == "cuda" and _triton_installed():
+            return _triton_backend(device)
+        return _torch_backend()
+    if name == "torch":
+        return _torch_backend()
+    if name == "triton":
+        return _triton_backend(device)
+    return _xformers_backend(device)
