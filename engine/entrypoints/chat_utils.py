@@ -1,21 +1,100 @@
-"""Chat templates: messages -> prompt token ids."""
+"""Chat templates: messages -> prompt text and token ids (vLLM's "string" content format)."""
 from __future__ import annotations
 
+import os
 from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def _content_text(content: Any, index: int) -> str | None:
+    """Message content as one string: a string, None (e.g. an assistant turn with tool calls), or
+    a list of text parts joined by newlines, as vLLM does for templates that expect strings."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"messages[{index}].content: only text parts are supported, got {kind!r}")
+        return "\n".join(texts)
+    raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def normalize_messages(conversation: Any) -> list[dict]:
+    """Validates a conversation and flattens text-part contents to strings."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    out = []
+    for i, m in enumerate(conversation):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] needs a 'role' and a 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}].role {m['role']!r} is not one of {list(ROLES)}")
+        if "content" not in m and not m.get("tool_calls"):
+            raise ValueError(f"messages[{i}] needs a 'content'")
+        msg = dict(m)
+        msg["content"] = _content_text(m.get("content"), i)
+        out.append(msg)
+    return out
+
+
+def load_chat_template(chat_template: str | None) -> str | None:
+    """A template string, or the path of a file holding one (as vLLM's --chat-template accepts)."""
+    if chat_template is not None and len(chat_template) < 4096 and "{" not in chat_template:
+        if os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                return f.read()
+        raise ValueError(f"chat_template {chat_template!r} is neither a Jinja template nor a readable file")
+    return chat_template
+
+
+def render_chat_prompt(
+    tokenizer: Any,
+    conversation: list[dict],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    *,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[str, list[int]]:
+    """The rendered prompt text and its token ids."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+    messages = normalize_messages(conversation)
+    if continue_final_message and messages[-1]["role"] != "assistant":
+        raise ValueError("continue_final_message needs the last message to be an assistant turn")
+    template = load_chat_template(chat_template)
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: pass chat_template=...")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **(chat_template_kwargs or {}),
+        )
+    except Exception as e:  # jinja errors (raise_exception in templates, syntax errors)
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"the chat template failed to render: {e}") from e
+    # the template already holds any BOS token: do not add special tokens again
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 def render_chat(
-    tokenizer: Any, conversation: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True
+    tokenizer: Any,
+    conversation: list[dict],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    **kwargs: Any,
 ) -> list[int]:
-    if not conversation:
-        raise ValueError("messages must not be empty")
-    for m in conversation:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError("each message needs 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
-            raise ValueError(f"unknown message role {m['role']!r}")
-    text = tokenizer.apply_chat_template(
-        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
-    # the template already holds any BOS token: do not add special tokens again
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Prompt token ids of a conversation rendered with the chat template."""
+    return render_chat_prompt(tokenizer, conversation, chat_template, add_generation_prompt, **kwargs)[1]

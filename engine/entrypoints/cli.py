@@ -47,7 +47,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in vars(args).items() if k != "model"}
     llm = LLM(args.model, **kwargs)
     params = SamplingParams(
-        temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_tokens=ns.max_tokens, seed=ns.sample_seed
+        temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_tokens=ns.max_tokens, seed=ns.sample_seed,
+        n=ns.n, min_p=ns.min_p, repetition_penalty=ns.repetition_penalty, presence_penalty=ns.presence_penalty,
+        frequency_penalty=ns.frequency_penalty, stop=ns.stop, min_tokens=ns.min_tokens,
     )
     prompts = ns.prompt or ["Write a haiku about paged attention."]
     if ns.chat:
@@ -56,7 +58,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         outs = llm.generate(prompts, params)
     for p, out in zip(prompts, outs):
         print(f"--- prompt: {p!r}")
-        print(out.outputs[0].text)
+        for c in out.outputs:
+            if len(out.outputs) > 1:
+                print(f"[sample {c.index}]")
+            print(c.text)
     return 0
 
 
@@ -71,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)

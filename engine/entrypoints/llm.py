@@ -97,13 +97,23 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Renders each conversation with the model's chat template and generates a reply."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            {"prompt_token_ids": ids}
-            for ids in (self.apply_chat_template(c, chat_template, add_generation_prompt) for c in conversations)
-        ]
+        """Renders each conversation (one, or a list of them) with the model's chat template, or
+        ``chat_template`` (a Jinja string or file), and generates a reply to each."""
+        from engine.entrypoints.chat_utils import render_chat_prompt
+
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of messages or of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text, ids = render_chat_prompt(
+                self.get_tokenizer(), conv, chat_template, add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
+            )
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(
