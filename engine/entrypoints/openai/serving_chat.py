@@ -1,6 +1,8 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
+import logging
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,8 @@ from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, rando
 from engine.entrypoints.openai.serving_engine import (
     MIN_LOGPROB, SSE_DONE, OpenAIServing, write_quietly, clamp_logprob, engine_dead_error, error_response, json_response, sse,
 )
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "developer")
 
@@ -176,29 +180,30 @@ class OpenAIServingChat(OpenAIServing):
             return sse(c)
 
         try:
-            # the first delta of every choice carries the role, and nothing else
-            await resp.write(chunk([
-                {"index": i, "delta": {"role": self.config.response_role, "content": ""}, "logprobs": None,
-                 "finish_reason": None}
-                for i in range(ctx.n)
-            ], usage() if continuous_usage else None))
-            async for _, out in self.merged(streams):
-                for o in out.outputs:
-                    if o.index in finished:
-                        continue
-                    completion_tokens += len(o.token_ids)
-                    finish = o.finish_reason
-                    if not (o.text or o.token_ids or finish):
-                        continue
-                    if finish is not None:
-                        finished.add(o.index)
-                    delta = {"content": o.text} if o.text or not finish else {}
-                    await resp.write(chunk([{
-                        "index": o.index,
-                        "delta": delta,
-                        "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs),
-                        "finish_reason": finish,
-                    }], usage() if continuous_usage else None))
+            # the first delta of every choice carries the role, and nothing else (one choice per chunk)
+            for i in range(ctx.n):
+                await resp.write(chunk([
+                    {"index": i, "delta": {"role": self.config.response_role, "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+                ], usage() if continuous_usage else None))
+            async with aclosing(self.merged(streams)) as outputs:
+                async for _, out in outputs:
+                    for o in out.outputs:
+                        if o.index in finished:
+                            continue
+                        completion_tokens += len(o.token_ids)
+                        finish = o.finish_reason
+                        if not (o.text or o.token_ids or finish):
+                            continue
+                        if finish is not None:
+                            finished.add(o.index)
+                        delta = {"content": o.text} if o.text or not finish else {}
+                        await resp.write(chunk([{
+                            "index": o.index,
+                            "delta": delta,
+                            "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs),
+                            "finish_reason": finish,
+                        }], usage() if continuous_usage else None))
             if include_usage:
                 await resp.write(chunk([], usage()))
             await resp.write(SSE_DONE)
@@ -206,5 +211,9 @@ class OpenAIServingChat(OpenAIServing):
             await write_quietly(resp, sse(engine_dead_error(e, status=500).to_dict()) + SSE_DONE)
         except ConnectionResetError:  # the client went away: the caller aborts what is left
             pass
+        except Exception as e:  # noqa: BLE001 - headers are out: report in-band, as vLLM does
+            logger.exception("streaming %s failed", ctx.request_id)
+            err = OpenAIError(f"internal error: {e!r}", status=500, type="server_error")
+            await write_quietly(resp, sse(err.to_dict()) + SSE_DONE)
         return resp
 

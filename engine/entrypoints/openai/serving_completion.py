@@ -1,6 +1,8 @@
 """POST /v1/completions."""
 from __future__ import annotations
 
+import logging
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +14,8 @@ from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, rando
 from engine.entrypoints.openai.serving_engine import (
     SSE_DONE, OpenAIServing, write_quietly, clamp_logprob, engine_dead_error, error_response, json_response, sse,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,26 +188,27 @@ class OpenAIServingCompletion(OpenAIServing):
             return c
 
         try:
-            async for i, out in self.merged(streams):
-                for o in out.outputs:
-                    index = i * ctx.n + o.index
-                    st = usage.choices.setdefault(index, _Choice())
-                    if st.finished:
-                        continue
-                    st.num_tokens += len(o.token_ids)
-                    usage.completion_tokens += len(o.token_ids)
-                    finish = o.finish_reason
-                    if not (o.text or o.token_ids or finish or (ctx.echo and not st.started)):
-                        continue
-                    text = o.text
-                    if ctx.echo and not st.started:
-                        text = self._prompt_text(ctx, i) + text
-                    logprobs, st.text_offset = self._choice_logprobs(out, o, ctx, not st.started, st.text_offset)
-                    st.started = True
-                    st.finished = finish is not None
-                    u = usage.as_dict() if continuous_usage else None
-                    await resp.write(sse(chunk([{"index": index, "text": text, "logprobs": logprobs,
-                                                 "finish_reason": finish}], u)))
+            async with aclosing(self.merged(streams)) as outputs:
+                async for i, out in outputs:
+                    for o in out.outputs:
+                        index = i * ctx.n + o.index
+                        st = usage.choices.setdefault(index, _Choice())
+                        if st.finished:
+                            continue
+                        st.num_tokens += len(o.token_ids)
+                        usage.completion_tokens += len(o.token_ids)
+                        finish = o.finish_reason
+                        if not (o.text or o.token_ids or finish or (ctx.echo and not st.started)):
+                            continue
+                        text = o.text
+                        if ctx.echo and not st.started:
+                            text = self._prompt_text(ctx, i) + text
+                        logprobs, st.text_offset = self._choice_logprobs(out, o, ctx, not st.started, st.text_offset)
+                        st.started = True
+                        st.finished = finish is not None
+                        u = usage.as_dict() if continuous_usage else None
+                        await resp.write(sse(chunk([{"index": index, "text": text, "logprobs": logprobs,
+                                                     "finish_reason": finish}], u)))
             if include_usage:
                 await resp.write(sse(chunk([], usage.as_dict())))
             await resp.write(SSE_DONE)
@@ -211,6 +216,10 @@ class OpenAIServingCompletion(OpenAIServing):
             await write_quietly(resp, sse(engine_dead_error(e, status=500).to_dict()) + SSE_DONE)
         except ConnectionResetError:  # the client went away: the caller aborts what is left
             pass
+        except Exception as e:  # noqa: BLE001 - headers are out: report in-band, as vLLM does
+            logger.exception("streaming %s failed", ctx.request_id)
+            err = OpenAIError(f"internal error: {e!r}", status=500, type="server_error")
+            await write_quietly(resp, sse(err.to_dict()) + SSE_DONE)
         return resp
 
 
