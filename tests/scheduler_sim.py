@@ -15,9 +15,10 @@ from engine.scheduler.scheduler import Scheduler
 VOCAB = 1000
 
 
-def next_token(context: list[int]) -> int:
-    """A deterministic 'model': the next token depends on the whole context."""
-    digest = hashlib.blake2b(repr(context).encode(), digest_size=4).digest()
+def next_token(context: list[int], salt: int = 0) -> int:
+    """A deterministic 'model': the next token depends on the whole context (and the sample
+    index, so the n > 1 samples of one prompt diverge like random samples do)."""
+    digest = hashlib.blake2b(repr((salt, context)).encode(), digest_size=4).digest()
     return 3 + int.from_bytes(digest, "little") % (VOCAB - 3)
 
 
@@ -62,7 +63,7 @@ class SimWorker:
             expected = requests[rid].all_token_ids[:end]
             if context[: len(expected)] != expected:
                 raise AssertionError(f"{rid} reads {context} but its tokens are {expected}")
-            sampled.append([next_token(context)] if sample else [])
+            sampled.append([next_token(context, requests[rid].sample_index)] if sample else [])
         return sampled
 
 
@@ -128,11 +129,11 @@ def run_to_completion(sched: Scheduler, worker: SimWorker, max_steps: int = 10_0
     return {rid: list(r.output_token_ids) for rid, r in reqs.items()}
 
 
-def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
+def reference_output(prompt: list[int], max_tokens: int, salt: int = 0) -> list[int]:
     toks = list(prompt)
     out = []
     for _ in range(max_tokens):
-        t = next_token(toks)
+        t = next_token(toks, salt)
         toks.append(t)
         out.append(t)
     return out
