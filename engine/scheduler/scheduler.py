@@ -150,6 +150,7 @@ class Scheduler:
             order = list(heapq.merge(self.running, self.waiting, key=self.policy.sort_key))
         else:
             order = self.running + self.waiting
+        admitting = True
         for req in order:
             if st.budget <= 0:
                 break
@@ -157,15 +158,26 @@ class Scheduler:
                 self._schedule_running(req, st)
             elif req.status == RequestStatus.PREEMPTED and req in st.preempted:
                 continue  # preempted earlier in this step: it waits at least one step
-            else:
-                if st.growth_preempted or len(self.running) + len(st.admitted) >= self.config.max_num_seqs:
-                    break  # no admissions into a cache that just overflowed (no thrashing)
-                if self._schedule_waiting(req, st) is False:
-                    break  # policy order: nothing behind a blocked request jumps the queue
+            elif admitting:
+                # no admissions into a cache that just overflowed (no thrashing), and in policy
+                # order nothing jumps past a blocked request; running ones behind it still run
+                admitting = not st.growth_preempted and self._has_seq_slot(req, st)
+                admitting = admitting and self._schedule_waiting(req, st)
         for req in st.admitted:
             self.waiting.remove(req)
             self._insert_running(req)
         return self._make_output(st)
+
+    def _has_seq_slot(self, req: Request, st: _Step) -> bool:
+        """Whether max_num_seqs leaves room for ``req``; under priority it may take the slot of a
+        running request of strictly lower priority."""
+        while len(self.running) + len(st.admitted) >= self.config.max_num_seqs:
+            victim = self._pick_victim(st, below_priority=req.priority) if self.policy.name == "priority" else None
+            if victim is None:
+                return False
+            self._preempt(victim, st)
+            self.stats.num_priority_preemptions += 1
+        return True
 
     def _schedule_running(self, req: Request, st: _Step) -> None:
         num_new = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, st.budget)
