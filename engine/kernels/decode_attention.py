@@ -20,7 +20,6 @@ from engine.kernels.triton_compat import dot_precision, next_pow2, patch_interpr
 patch_interpreter()
 
 LOG2E = 1.4426950408889634
-BLOCK_N = 64  # context tokens per tile, independent of the cache block size
 MIN_TOKENS_PER_SPLIT = 256  # below this a partition costs more to merge than it saves
 MAX_SPLITS = 32
 
@@ -129,6 +128,16 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
+def launch_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N context tokens per tile, independent of the cache block size; num_warps).
+
+    Chosen without a GPU from ptxas register reports for sm_90 (the sm_90 compile test checks that these
+    configurations do not spill): with fp32-converted tiles, BLOCK_N=64 at 4 warps spills for head dim 128,
+    8 warps with 32-token tiles (dim 128) or 64-token tiles (dim <= 64) do not. Tune on a GPU.
+    """
+    return (32, 8) if head_dim > 64 else (64, 8)
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Enough partitions that ``batch * num_kv_heads * splits`` covers the SMs about twice, never so many
     that a partition holds fewer than ``MIN_TOKENS_PER_SPLIT`` tokens. 1 off-GPU (the interpreter pays
@@ -177,6 +186,7 @@ def paged_decode_attention(
         num_splits = default_num_splits(b, kvh, max_seq_len, query.device)
     num_splits = max(1, int(num_splits))
     block_d = next_pow2(d)
+    block_n, num_warps = launch_config(d)
     if num_splits > 1:
         part_out = torch.empty((b, h, num_splits, d), dtype=torch.float32, device=query.device)
         part_lse = torch.empty((b, h, num_splits), dtype=torch.float32, device=query.device)
@@ -195,8 +205,9 @@ def paged_decode_attention(
         part_lse.stride(0), part_lse.stride(1),
         kvh, d,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, PRECISION=dot_precision(query.dtype, k_cache.dtype),
+        num_warps=num_warps,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(b, h)](

@@ -18,7 +18,19 @@ from engine.kernels.triton_compat import dot_precision, next_pow2, patch_interpr
 patch_interpreter()
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 64
+
+
+def launch_config(head_dim: int, fp32: bool) -> tuple[int, int, int]:
+    """(BLOCK_M query rows, BLOCK_N keys per tile, num_warps).
+
+    Chosen without a GPU from ptxas register reports for sm_90 (the sm_90 compile test checks that these
+    configurations do not spill): with fp32-converted tiles every 4-warp 64x64 variant spills; at 8 warps,
+    64x32 fits for head dim 128 and 64x64 for head dim <= 64. fp32 inputs (full-precision FMA dots, no
+    tensor cores) need half the key tile. Tune on a GPU.
+    """
+    if head_dim > 64:
+        return (64, 16, 8) if fp32 else (64, 32, 8)
+    return (64, 32, 8) if fp32 else (64, 64, 8)
 
 
 @triton.jit
@@ -136,8 +148,9 @@ def paged_prefill_attention(
         max_query_len = int((qsl[1:] - qsl[:-1]).max()) if num_reqs > 0 else 0
     if t == 0 or num_reqs == 0 or max_query_len == 0:
         return out
-    block_n = 64 if d <= 64 else 32  # keeps the fp32 K/V tiles and the accumulator in registers
-    grid = (num_reqs, triton.cdiv(max_query_len, BLOCK_M), h)
+    precision = dot_precision(query.dtype, k_cache.dtype)
+    block_m, block_n, num_warps = launch_config(d, fp32=precision == "ieee")
+    grid = (num_reqs, triton.cdiv(max_query_len, block_m), h)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, qsl, seq_lens, out,
         scale * LOG2E,
@@ -148,6 +161,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         d,
         GROUP=h // kvh, BLOCK_D=next_pow2(d), BLOCK_SIZE=block_size,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PRECISION=dot_precision(query.dtype, k_cache.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=num_warps,
     )
     return out

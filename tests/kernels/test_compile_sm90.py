@@ -52,7 +52,7 @@ def _cases() -> dict[str, Case]:
             dict(x_ptr=p, residual_ptr=p, weight_ptr=p, out_ptr=p, residual_out_ptr=p),
             dict(HAS_RESIDUAL=dt != "fp32", BLOCK=1024), {},
         )
-    for dt, d, group, splits in (("bf16", 128, 4, 1), ("fp16", 64, 3, 8), ("fp32", 128, 1, 4)):
+    for dt, d, group, splits in (("bf16", 128, 4, 1), ("fp16", 64, 3, 8), ("fp32", 128, 1, 4), ("fp32", 64, 4, 1)):
         p = _p(dt)
         part = "*fp32" if splits > 1 else p
         block_n, num_warps = decode_attention.launch_config(d)
@@ -69,9 +69,9 @@ def _cases() -> dict[str, Case]:
         dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16"),
         dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128), {},
     )
-    for dt, d in (("bf16", 128), ("fp16", 64), ("fp32", 64)):
+    for dt, d in (("bf16", 128), ("fp16", 64), ("fp32", 64), ("fp32", 128)):
         p = _p(dt)
-        block_m, block_n, num_warps = prefill_attention.launch_config(d)
+        block_m, block_n, num_warps = prefill_attention.launch_config(d, fp32=dt == "fp32")
         cases[f"prefill-{dt}-d{d}"] = (
             "prefill_attention", "_prefill_kernel",
             dict(q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, block_tables_ptr="*i32", query_start_ptr="*i32",
