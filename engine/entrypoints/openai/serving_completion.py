@@ -97,7 +97,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = random_id("cmpl")
         engine_prompts = [{"prompt": p.text, "prompt_token_ids": p.ids} if p.text is not None else {"prompt_token_ids": p.ids}
                           for p in prompts]
-        streams = await self.add_all(request_id, engine_prompts, params, stream)
+        streams = await self.add_all(request_id, engine_prompts, params, stream, body.int("priority", 0))
         ctx = _Ctx(request_id, now_int(), model, params.n, echo, num_logprobs, prompts)
         try:
             if stream:

@@ -161,13 +161,15 @@ class OpenAIServing:
             raise OpenAIError(msg, param=param) from None
 
     async def add_all(
-        self, base_id: str, prompts: list[dict], params: SamplingParams, stream: bool
+        self, base_id: str, prompts: list[dict], params: SamplingParams, stream: bool, priority: int = 0
     ) -> list[RequestStream]:
         """Submits one engine request per prompt; on any failure aborts the ones already added."""
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
-                streams.append(await self.engine.add_request(f"{base_id}-{i}", prompt, params, stream=stream))
+                streams.append(await self.engine.add_request(
+                    f"{base_id}-{i}", prompt, params, stream=stream, priority=priority
+                ))
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])
             if isinstance(e, EngineDeadError):
