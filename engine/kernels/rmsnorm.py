@@ -34,6 +34,11 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def num_warps_for(block: int) -> int:
+    """About 8 fp32 values per thread per operand: a whole row stays in registers up to hidden size 32K."""
+    return min(16, max(1, block // 256))
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -75,10 +80,11 @@ def rms_norm(
         r2 = res2 = x2  # never touched: HAS_RESIDUAL is off
     out2 = out.view(rows, n)
     if rows:
+        block = next_pow2(n)
         _rms_norm_kernel[(rows,)](
             x2, r2, weight.contiguous(), out2, res2,
             x2.stride(0), r2.stride(0), out2.stride(0), res2.stride(0),
             n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps_for(block),
         )
     return out if residual is None else (out, residual_out)

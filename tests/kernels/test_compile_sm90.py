@@ -32,7 +32,7 @@ Case = tuple[str, str, dict[str, str], dict[str, object], dict[str, int]]
 
 def _cases() -> dict[str, Case]:
     """case id -> (module, kernel, pointer argument types, constexpr values, compile options)."""
-    from engine.kernels import decode_attention, prefill_attention
+    from engine.kernels import decode_attention, prefill_attention, rmsnorm
 
     cases: dict[str, Case] = {}
     for dt in ("fp32", "bf16", "fp16"):
@@ -50,8 +50,13 @@ def _cases() -> dict[str, Case]:
         cases[f"rms_norm-{dt}"] = (
             "rmsnorm", "_rms_norm_kernel",
             dict(x_ptr=p, residual_ptr=p, weight_ptr=p, out_ptr=p, residual_out_ptr=p),
-            dict(HAS_RESIDUAL=dt != "fp32", BLOCK=1024), {},
+            dict(HAS_RESIDUAL=dt != "fp32", BLOCK=1024), dict(num_warps=rmsnorm.num_warps_for(1024)),
         )
+    cases["rms_norm-bf16-8192"] = (
+        "rmsnorm", "_rms_norm_kernel",
+        dict(x_ptr="*bf16", residual_ptr="*bf16", weight_ptr="*bf16", out_ptr="*bf16", residual_out_ptr="*bf16"),
+        dict(HAS_RESIDUAL=True, BLOCK=8192), dict(num_warps=rmsnorm.num_warps_for(8192)),
+    )
     for dt, d, group, splits in (("bf16", 128, 4, 1), ("fp16", 64, 3, 8), ("fp32", 128, 1, 4), ("fp32", 64, 4, 1)):
         p = _p(dt)
         part = "*fp32" if splits > 1 else p
