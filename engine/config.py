@@ -101,7 +101,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
-    speculative_config: dict | None = None
+    speculative_config: Any = None  # engine.spec_decode.config.SpeculativeConfig once built
 
 
 def default_device() -> torch.device:
@@ -255,5 +255,13 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             seed=self.seed,
             tokenizer=self.tokenizer,
-            speculative_config=self.speculative_config,
+            speculative_config=_speculative_config(self.speculative_config, hf_config),
         )
+
+
+def _speculative_config(raw: Any, hf_config: Any) -> Any:
+    if raw is None:
+        return None
+    from engine.spec_decode.config import SpeculativeConfig
+
+    return SpeculativeConfig.from_dict(raw, hf_config)

@@ -16,6 +16,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler.scheduler import Scheduler
+from engine.spec_decode.stats import SpecDecodingStats
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ class LLMEngine:
         self.executor = make_executor(config)
         self.executor.load_model()
         num_blocks = self.executor.determine_num_blocks()
+        self.spec_decoder = None  # speculative decoding (engine/spec_decode), with its draft model if any
+        if config.speculative_config is not None:
+            from engine.spec_decode.manager import SpeculativeDecoder
+
+            self.spec_decoder = SpeculativeDecoder(config.speculative_config, config)
+            num_blocks = self.spec_decoder.fit_num_blocks(num_blocks, self.executor.kv_bytes_per_block())
         bs = config.cache.block_size
         if num_blocks < 1:
             raise ValueError(
@@ -60,6 +67,8 @@ class LLMEngine:
             logger.info("swap space: %d host blocks (%.1f MiB)", num_host_blocks, num_host_blocks * per_block / 2**20)
         self.kv_cache = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        if self.spec_decoder is not None:
+            self.spec_decoder.bind(self.scheduler, self.kv_cache, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_generation_tokens = 0
@@ -179,10 +188,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and returns an output for every request that progressed."""
+        if self.spec_decoder is not None:
+            self.spec_decoder.propose()  # sets request.spec_token_ids for the scheduler to budget
         so = self.scheduler.schedule()
         if not so.needs_workers:
             return []
+        if self.spec_decoder is not None:
+            self.spec_decoder.attach(so)
         result = self.executor.execute_model(so)
+        if self.spec_decoder is not None and not so.is_empty:
+            self.spec_decoder.record(so, result.sampled_token_ids)
         if so.is_empty:  # only block copies or dropped states this step
             return []
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
@@ -213,6 +228,7 @@ class LLMEngine:
             **{f"scheduler_{k}": v for k, v in asdict(self.scheduler.stats).items()},
             "prompt_tokens_total": self.scheduler.stats.num_prefill_tokens,
             "generation_tokens_total": self.num_generation_tokens,
+            **(self.spec_decoder.get_stats() if self.spec_decoder is not None else SpecDecodingStats().as_dict()),
         }
 
     def shutdown(self) -> None:

@@ -43,6 +43,9 @@ class SchedulerOutput:
     token_ids: list[list[int]] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # speculative decoding: req id -> the draft's distributions [len(spec), V] its proposals were
+    # drawn from (random requests of a draft model); absent means deterministic proposals
+    spec_draft_probs: dict = field(default_factory=dict)
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
     preempted_req_ids: set[str] = field(default_factory=set)
     # block copies workers run before the forward pass, in this order: swap_out, swap_in, copy_blocks

@@ -90,6 +90,7 @@ class Scheduler:
         self._reset_tables: set[str] = set()  # known to workers, but their table must be resent whole
         self._finished_ids: set[str] = set()
         self._group_leader: dict[str, str] = {}  # n > 1: parent id -> the sample that prefills
+        self.num_lookahead_tokens = 0  # speculative decoding: slots a draft model writes past a step
 
     # ---- admission -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int) -> None:
@@ -184,7 +185,13 @@ class Scheduler:
         num_new = min(num_new, self.max_model_len - req.num_computed_tokens)
         if num_new <= 0:
             return
-        while not self.kv_cache.allocate_slots(req, num_new):
+        # a draft model proposes into up to num_lookahead_tokens slots after this step's tokens;
+        # best effort: nothing is preempted for them
+        lookahead = max(min(self.num_lookahead_tokens, self.max_model_len - req.num_computed_tokens - num_new), 0)
+        while not (
+            self.kv_cache.allocate_slots(req, num_new, num_lookahead_tokens=lookahead)
+            or (lookahead and self.kv_cache.allocate_slots(req, num_new))
+        ):
             victim = self._pick_victim(st)  # never None: req itself qualifies
             self._preempt(victim, st)
             st.growth_preempted = True

@@ -186,6 +186,16 @@ class ModelRunner:
         sampled_rows = [i for i, s in enumerate(so.sample) if s]
         sampled: list[list[int]] = [[] for _ in so.req_ids]
         logprobs: list = [None for _ in so.req_ids]
+        if so.spec_token_ids:  # speculative decoding: verify proposals (engine/spec_decode/verify.py)
+            spec = [j for j, i in enumerate(sampled_rows) if so.spec_token_ids.get(so.req_ids[i])]
+            if spec:
+                from engine.spec_decode.verify import verify_spec_rows
+
+                verify_spec_rows(self.model.compute_logits, hidden, so, meta.query_start_loc_host,
+                                 [sampled_rows[j] for j in spec], self.requests, sampled, logprobs, self.device)
+                plain = sorted(set(range(len(sampled_rows))) - set(spec))
+                logits_indices = logits_indices[torch.tensor(plain, dtype=torch.int64, device=logits_indices.device)]
+                sampled_rows = [sampled_rows[j] for j in plain]
         if not sampled_rows:
             return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps)
         logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
