@@ -25,6 +25,10 @@ _KNOWN = {
     "scheduler_num_preemptions": ("vllm:num_preemptions_total", "counter", "Requests preempted."),
     "prompt_tokens_total": ("vllm:prompt_tokens_total", "counter", "Prefill tokens processed."),
     "generation_tokens_total": ("vllm:generation_tokens_total", "counter", "Tokens generated."),
+    "num_swapped": ("vllm:num_requests_swapped", "gauge", "Requests whose KV blocks are swapped out to host memory."),
+    "spec_num_drafts": ("vllm:spec_decode_num_drafts_total", "counter", "Request-steps that verified proposals."),
+    "spec_num_draft_tokens": ("vllm:spec_decode_num_draft_tokens_total", "counter", "Proposed tokens verified."),
+    "spec_num_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted."),
 }
 _SKIP = {"kv_blocks_free"}
 
