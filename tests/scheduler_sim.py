@@ -41,12 +41,14 @@ class SimWorker:
                 self.tables[d.req_id] = list(d.new_block_ids)
             else:
                 self.tables[d.req_id].extend(d.new_block_ids)
+        # the runner's order: swap-outs, copy-on-write, swap-ins
         for dev, host in so.swap_out:
             self.host[host] = list(self.kv[dev])
+        copies = [list(self.kv[src]) for src, _ in so.copy_blocks]
+        for (_, dst), data in zip(so.copy_blocks, copies):
+            self.kv[dst] = data
         for host, dev in so.swap_in:
             self.kv[dev] = list(self.host[host])
-        for src, dst in so.copy_blocks:
-            self.kv[dst] = list(self.kv[src])
         # write every request's new tokens first (like attention backends), then read
         for rid, start, toks in zip(so.req_ids, so.num_computed_tokens, so.token_ids):
             table = self.tables[rid]

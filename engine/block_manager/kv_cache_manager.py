@@ -25,11 +25,11 @@ class KVCacheStats:
 
 @dataclass
 class BlockOps:
-    """Copies the workers run before the forward pass, in this order."""
+    """Copies the workers run before the forward pass, in the order swap_out, copy, swap_in."""
 
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
 
 
 class KVCacheInvariantError(RuntimeError):

@@ -48,7 +48,8 @@ class SchedulerOutput:
     spec_draft_probs: dict = field(default_factory=dict)
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
     preempted_req_ids: set[str] = field(default_factory=set)
-    # block copies workers run before the forward pass, in this order: swap_out, swap_in, copy_blocks
+    # block copies workers run before the forward pass, in this order: swap_out, copy_blocks, swap_in
+    # (all reads of blocks that may have been freed this step come before writes into fresh blocks)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write

@@ -224,8 +224,9 @@ class Scheduler:
             return _Admission("swap_in", num_new, held + grow)
         if req.fork_from is not None:
             leader = self.requests.get(req.fork_from)
-            if leader is not None and leader.status == RequestStatus.RUNNING and not kv.is_swapped(leader):
-                if leader.num_computed_tokens < req.num_prompt_tokens:
+            if leader is not None and leader.status == RequestStatus.RUNNING:
+                # (a sibling resumed in this step may hold blocks a swap-in fills only now)
+                if leader.num_computed_tokens < req.num_prompt_tokens or leader.resumed_step == self._step:
                     return None  # its sibling is still computing the shared prompt
                 return _Admission("fork", 1, 1, source=leader)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path

@@ -81,26 +81,27 @@ class ModelRunner:
         ]
 
     def _apply_block_ops(self, so: SchedulerOutput) -> None:
-        """Runs the step's block copies before its forward pass: swap-outs first (their device
-        blocks may be handed to others in this step), then swap-ins, then copy-on-write."""
+        """Runs the step's block copies before its forward pass. Every read of a block that may have
+        been freed and handed out again in this step (swap-out and copy-on-write sources) happens
+        before any write into a fresh block: swap-outs, then copy-on-write, then swap-ins."""
         if so.swap_out:
             src = torch.tensor([d for d, _ in so.swap_out], device=self.device)
             dst = torch.tensor([h for _, h in so.swap_out])
             for (k, v), (hk, hv) in zip(self.kv_caches, self.host_kv_caches):
                 hk[dst] = k[src].to("cpu")
                 hv[dst] = v[src].to("cpu")
-        if so.swap_in:
-            src = torch.tensor([h for h, _ in so.swap_in])
-            dst = torch.tensor([d for _, d in so.swap_in], device=self.device)
-            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_kv_caches):
-                k[dst] = hk[src].to(self.device, non_blocking=True)
-                v[dst] = hv[src].to(self.device, non_blocking=True)
         if so.copy_blocks:
             src = torch.tensor([s for s, _ in so.copy_blocks], device=self.device)
             dst = torch.tensor([d for _, d in so.copy_blocks], device=self.device)
             for k, v in self.kv_caches:
                 k[dst] = k[src]
                 v[dst] = v[src]
+        if so.swap_in:
+            src = torch.tensor([h for h, _ in so.swap_in])
+            dst = torch.tensor([d for _, d in so.swap_in], device=self.device)
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_kv_caches):
+                k[dst] = hk[src].to(self.device)
+                v[dst] = hv[src].to(self.device)
 
     # ---- per step --------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
