@@ -275,7 +275,7 @@ class AsyncLLMEngine:
             while True:
                 with self._cv:
                     while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
-                        self._maybe_log_stats(idle=True)
+                        self._maybe_log_stats()
                         self._cv.wait(timeout=self.log_stats_interval)
                     if self._stopping:
                         break
@@ -364,7 +364,7 @@ class AsyncLLMEngine:
             except RuntimeError:  # the loop closed meanwhile (shutdown)
                 pass
 
-    def _maybe_log_stats(self, idle: bool = False) -> None:
+    def _maybe_log_stats(self) -> None:
         if not self.log_stats:
             return
         now = time.monotonic()

@@ -151,15 +151,20 @@ async def tokenize(request: web.Request) -> web.Response:
     st.completion.check_model(body)
     if body.has("messages"):
         try:
-            ids = render_chat(st.tokenizer, parse_messages(body), st.config.chat_template,
-                              body.bool("add_generation_prompt", True))
+            ids = await st.completion.in_tokenizer_thread(
+                render_chat, st.tokenizer, parse_messages(body), st.config.chat_template,
+                body.bool("add_generation_prompt", True),
+            )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None
     else:
         prompt = body.required("prompt")
         if not isinstance(prompt, str):
             raise OpenAIError("'prompt' must be a string", param="prompt")
-        ids = st.tokenizer.encode(prompt, add_special_tokens=body.bool("add_special_tokens", True))
+        add_special = body.bool("add_special_tokens", True)
+        ids = await st.completion.in_tokenizer_thread(
+            lambda: st.tokenizer.encode(prompt, add_special_tokens=add_special)
+        )
     strs = st.tokenizer.convert_ids_to_tokens(ids) if body.bool("return_token_strs", False) else None
     return json_response({"count": len(ids), "max_model_len": st.completion.max_model_len, "tokens": ids,
                           "token_strs": strs})

@@ -98,7 +98,9 @@ class OpenAIServingChat(OpenAIServing):
         kw = self.sampling_kwargs(body)
         add_generation_prompt = body.bool("add_generation_prompt", True)
         try:
-            ids = render_chat(self.tokenizer, messages, self.config.chat_template, add_generation_prompt)
+            ids = await self.in_tokenizer_thread(
+                render_chat, self.tokenizer, messages, self.config.chat_template, add_generation_prompt
+            )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None
         max_tokens = self.check_length(len(ids), max_tokens, "messages")

@@ -66,7 +66,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append(_Prompt(item, self.tokenizer.encode(item)))
+                prompts.append(_Prompt(item, await self.in_tokenizer_thread(self.tokenizer.encode, item)))
             elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
                 self.check_ids(item, "prompt")
                 prompts.append(_Prompt(None, list(item)))

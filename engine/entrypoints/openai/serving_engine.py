@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -55,6 +56,17 @@ def clamp_logprob(lp: float) -> float:
     return max(lp, MIN_LOGPROB)
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _tokenize_pool() -> ThreadPoolExecutor:
+    # one thread for all servings, so the server's tokenizer is only ever encoding in one place
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    return _POOL
+
+
 @dataclass
 class ServerConfig:
     served_model_names: list[str]
@@ -70,9 +82,15 @@ class OpenAIServing:
         # a tokenizer of our own: the engine thread uses the engine's, and HF fast tokenizers
         # must not be shared across threads
         self.tokenizer = tokenizer
+        self._tokenize_pool = _tokenize_pool()
         sched = engine.engine.scheduler
         self.max_model_len = min(engine.engine.config.model.max_model_len, sched.max_model_len)
         self.vocab_size = engine.engine.config.model.vocab_size
+
+    async def in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
+        """Runs a tokenizer call (encode, chat template) off the event loop: a long prompt takes
+        milliseconds to tokenize and would stall every stream meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     @property
     def model_name(self) -> str:
