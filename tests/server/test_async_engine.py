@@ -45,7 +45,7 @@ def slow_steps(engine: AsyncLLMEngine, seconds: float) -> None:
 
 def test_steps_do_not_block_the_loop_and_abort_frees_blocks(tiny_model_path):
     engine = make_engine(tiny_model_path)
-    slow_steps(engine, 0.2)
+    slow_steps(engine, 0.5)
 
     async def run():
         engine.start()
@@ -86,8 +86,9 @@ def test_steps_do_not_block_the_loop_and_abort_frees_blocks(tiny_model_path):
     gaps = asyncio.run(run())
     assert used_blocks(engine) == 0
     assert engine.metrics.finished["abort"] == 1 and engine.metrics.finished["length"] == 1
-    # each step held the engine thread for 0.2 s; the event loop never waited for one
-    assert max(gaps) < 0.15, max(gaps)
+    # each step held the engine thread for 0.5 s; the event loop never waited for one (the margin
+    # is for a loaded CI machine)
+    assert max(gaps) < 0.3, max(gaps)
 
 
 async def _serve(engine: AsyncLLMEngine, tokenizer) -> tuple[web.AppRunner, str]:
