@@ -29,6 +29,7 @@ CASES = [
     ("max_tokens string", CMPL, {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ("max_tokens fractional", CMPL, {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
     ("temperature negative", CMPL, {"prompt": "hi", "temperature": -0.1}, 400, "temperature"),
+    ("temperature huge integer", CMPL, {"prompt": "hi", "temperature": 10**400}, 400, "temperature"),
     ("temperature string", CMPL, {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("top_p zero", CMPL, {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("top_p above one", CMPL, {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
@@ -137,6 +138,20 @@ def test_body_over_size_limit_is_413(server):
     head, _, payload = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert b'"error"' in payload and b"request_too_large" in reply
+    assert_still_serving(server)
+
+
+def test_extreme_but_valid_values_do_not_hurt_the_engine(server):
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 1e30, "top_k": 10**30, "repetition_penalty": 1e30,
+            "seed": -(2**63), "priority": 10**30, "min_p": 1.0, "top_p": 1e-9, "n": 2,
+            "logit_bias": {"5": -100, "6": 100}, "stop": ["x" * 5000]}
+    status, out = http(server, "POST", CMPL, body)
+    assert status == 200, out
+    assert len(out["choices"]) == 2
+    status, out = http(server, "POST", CHAT, {"messages": USER, "max_tokens": 2, "temperature": 0,
+                                              "logprobs": True, "top_logprobs": 20})
+    assert status == 200, out
+    assert http(server, "GET", "/health", auth=False)[0] == 200
     assert_still_serving(server)
 
 

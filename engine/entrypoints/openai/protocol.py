@@ -94,9 +94,14 @@ class Body:
         v = self.raw(name, _MISSING)
         if v is _MISSING:
             return default
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise self._bad(name, f"must be a finite number, got {_type_name(v) if not isinstance(v, float) else v}")
-        v = float(v)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise self._bad(name, f"must be a number, got {_type_name(v)}")
+        try:
+            v = float(v)  # a huge JSON integer overflows here
+        except OverflowError:
+            v = math.inf
+        if not math.isfinite(v):
+            raise self._bad(name, f"must be a finite number, got {v}")
         if lo_open and lo is not None and v <= lo:
             raise self._bad(name, f"must be greater than {lo:g}, got {v:g}")
         self._check_range(name, v, None if lo_open else lo, hi)

@@ -158,6 +158,8 @@ class OpenAIServing:
         body.str("user")  # accepted, unused
         if kw["top_k"] == 0 and body.has("top_k"):
             raise OpenAIError("'top_k' must be -1 (disabled) or at least 1, got 0", param="top_k")
+        if kw["top_k"] >= self.vocab_size:  # keeps every token: the same as no top-k
+            kw["top_k"] = 0
         self.check_ids(kw["stop_token_ids"], "stop_token_ids")
         if kw["allowed_token_ids"] is not None:
             self.check_ids(kw["allowed_token_ids"], "allowed_token_ids")
