@@ -266,6 +266,11 @@ class AsyncLLMEngine:
 
     def _push(self, cmd: _Add | _Abort) -> None:
         with self._cv:
+            # checked under the lock _die takes: a command can never be queued after the drain
+            if self._dead is not None:
+                if isinstance(cmd, _Add):
+                    raise self._dead
+                return
             self._commands.append(cmd)
             self._cv.notify()
 
@@ -278,7 +283,8 @@ class AsyncLLMEngine:
                         self._maybe_log_stats()
                         self._cv.wait(timeout=self.log_stats_interval)
                     if self._stopping:
-                        break
+                        self._die(EngineDeadError("the engine was shut down"), expected=True)
+                        return
                     commands, self._commands = self._commands, []
                 for cmd in commands:
                     self._apply(cmd)
@@ -330,11 +336,14 @@ class AsyncLLMEngine:
         if ready:
             self._call_soon(_put_all, ready)
 
-    def _die(self, exc: BaseException) -> None:
-        logger.error("the engine step loop failed; failing %d request(s) in flight", len(self._tracked), exc_info=exc)
+    def _die(self, exc: BaseException, expected: bool = False) -> None:
+        """Fails every request in flight and every queued command; the engine takes no more."""
+        if not expected:
+            logger.error("the engine step loop failed; failing %d request(s) in flight", len(self._tracked),
+                         exc_info=exc)
         err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine failed: {exc!r}")
-        self._dead = err
         with self._cv:
+            self._dead = err
             pending, self._commands = self._commands, []
         for cmd in pending:
             if isinstance(cmd, _Add):
