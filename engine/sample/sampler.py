@@ -77,7 +77,13 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
         q.exponential_()
     for row, gen in generators.items():
         q[row].exponential_(generator=gen)
-    return probs.div_(q).argmax(dim=-1)
+    return argmax(probs.div_(q))
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first maximum on ties, like torch.argmax). On CPU, ``max(dim).indices``
+    is several times faster than ``argmax`` for [rows, 49152] fp32."""
+    return x.max(dim=-1).indices
 
 
 def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -121,12 +127,12 @@ class Sampler:
     @classmethod
     def sample(cls, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         if meta.all_greedy:
-            return logits.argmax(dim=-1)
+            return argmax(logits)
         scaled = cls.random_logits(logits, meta)
         sampled = random_sample(scaled.softmax(dim=-1), meta.generators)
         if meta.random_rows is None:
             return sampled
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         return tokens.index_copy_(0, meta.random_rows, sampled)
 
 
