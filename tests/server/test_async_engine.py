@@ -158,3 +158,25 @@ def test_engine_failure_fails_requests_and_marks_server_unhealthy(tiny_model_pat
     asyncio.run(run())
     assert engine.errored and isinstance(engine.dead_error, EngineDeadError)
     assert used_blocks(engine) == 0  # the dead engine's requests gave their blocks back
+
+
+def test_shutdown_fails_in_flight_requests_and_refuses_new_ones(tiny_model_path):
+    engine = make_engine(tiny_model_path)
+    slow_steps(engine, 0.05)
+
+    async def run():
+        engine.start()
+        stream = await engine.add_request("s", {"prompt_token_ids": [3, 4, 5]},
+                                          SamplingParams(max_tokens=200, ignore_eos=True), stream=True)
+        await asyncio.wait_for(stream.get(), 30)
+        await asyncio.wait_for(engine.shutdown(), 30)
+        with pytest.raises(EngineDeadError):
+            for _ in range(201):  # at most 200 outputs can precede the error
+                await asyncio.wait_for(stream.get(), 5)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(engine.add_request("t", {"prompt_token_ids": [3]}, SamplingParams()), 5)
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+
+    asyncio.run(run())
+    assert used_blocks(engine) == 0
