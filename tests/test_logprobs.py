@@ -147,3 +147,28 @@ def test_streamed_prompt_logprobs_arrive_once(llm):
             break
     assert len(seen) == 1 and seen[0][0] is None and all(e is not None for e in seen[0][1:])
     assert positions == 3
+
+
+@pytest.mark.slow
+def test_default_model_logprobs_match_transformers(default_model_path):
+    """The same checks on the real SmolLM2 weights: a chat prompt, greedy and seeded samples."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.entrypoints.llm import LLM
+
+    llm = LLM(seed=0, max_num_batched_tokens=32)
+    hf = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    conv = [{"role": "user", "content": "Name a prime number between 10 and 20."}]
+    params = [SamplingParams(temperature=0, max_tokens=8, logprobs=5, prompt_logprobs=3),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=8, logprobs=2)]
+    outs = [llm.chat(conv, p, use_tqdm=False)[0] for p in params]
+    for out, p in zip(outs, params):
+        c = out.outputs[0]
+        ids = out.prompt_token_ids
+        ref = hf_logprobs(hf, ids + c.token_ids)
+        for j, t in enumerate(c.token_ids):
+            check_entry(c.logprobs[j], ref[len(ids) - 1 + j], t, p.logprobs, f"output {j}")
+        if p.prompt_logprobs is not None:
+            for i in range(1, len(ids)):
+                check_entry(out.prompt_logprobs[i], ref[i - 1], ids[i], p.prompt_logprobs, f"prompt pos {i}")
+    llm.shutdown()
