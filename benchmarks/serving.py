@@ -79,7 +79,9 @@ def arrival_delays(num: int, rate: float, seed: int) -> list[float]:
     return out
 
 
-async def run_one(session: aiohttp.ClientSession, args: argparse.Namespace, model: str, spec: RequestSpec) -> RequestResult:
+async def run_one(
+    session: aiohttp.ClientSession, args: argparse.Namespace, model: str, spec: RequestSpec
+) -> RequestResult:
     chat = args.endpoint.endswith("chat/completions")
     body: dict = {
         "model": model,

@@ -80,8 +80,12 @@ class _Tracked:
 
 
 # vLLM's buckets for time to first token and inter-token latency (seconds)
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
 
@@ -383,7 +387,8 @@ class AsyncLLMEngine:
             return
         s = self._stats
         prompt, gen = s.get("prompt_tokens_total", 0), s.get("generation_tokens_total", 0)
-        busy = s.get("num_running") or s.get("num_waiting") or prompt != log.last_prompt_tokens or gen != log.last_generation_tokens
+        moved = prompt != log.last_prompt_tokens or gen != log.last_generation_tokens
+        busy = s.get("num_running") or s.get("num_waiting") or moved
         if busy:
             logger.info(
                 "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "

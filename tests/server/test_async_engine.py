@@ -62,8 +62,9 @@ def test_steps_do_not_block_the_loop_and_abort_frees_blocks(tiny_model_path):
         tick = asyncio.ensure_future(ticker())
         params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
         stream = await engine.add_request("a", {"prompt_token_ids": list(range(10, 50))}, params, stream=True)
-        other = await engine.add_request("b", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0),
-                                         stream=False)
+        other = await engine.add_request(
+            "b", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0), stream=False
+        )
         first = await asyncio.wait_for(stream.get(), 30)
         assert first.outputs[0].token_ids and not first.finished
         assert used_blocks(engine) > 0

@@ -84,7 +84,7 @@ def test_chat_logprobs_top_logprobs(client):
     # streamed logprobs cover the same tokens
     chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES[:2], max_tokens=6,
                                                  temperature=0, logprobs=True, top_logprobs=1, stream=True))
-    streamed = [t.token for ch in chunks[1:] for t in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])]
+    streamed = [t.token for ch in chunks[1:] if ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
     assert streamed == [t.token for t in content]
 
 

@@ -20,7 +20,9 @@ _KNOWN = {
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full)."),
     "kv_blocks_used": ("vllm:kv_cache_blocks_used", "gauge", "KV-cache blocks held by requests."),
     "kv_blocks_total": ("vllm:kv_cache_blocks_total", "gauge", "KV-cache blocks in all."),
-    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_queries": (
+        "vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."
+    ),
     "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache."),
     "scheduler_num_preemptions": ("vllm:num_preemptions_total", "counter", "Requests preempted."),
     "prompt_tokens_total": ("vllm:prompt_tokens_total", "counter", "Prefill tokens processed."),

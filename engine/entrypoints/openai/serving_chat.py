@@ -13,7 +13,8 @@ from engine.errors import EngineDeadError
 from engine.outputs import Logprob, RequestOutput
 from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, random_id
 from engine.entrypoints.openai.serving_engine import (
-    MIN_LOGPROB, SSE_DONE, OpenAIServing, write_quietly, clamp_logprob, engine_dead_error, error_response, json_response, sse,
+    MIN_LOGPROB, SSE_DONE, OpenAIServing, clamp_logprob, engine_dead_error, error_response, json_response, sse,
+    write_quietly,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class OpenAIServingChat(OpenAIServing):
             max_tokens = body.int("max_tokens", None, lo=1)
         kw = self.sampling_kwargs(body)
         add_generation_prompt = body.bool("add_generation_prompt", True)
+        priority = body.int("priority", 0)
         try:
             ids = await self.in_tokenizer_thread(
                 render_chat, self.tokenizer, messages, self.config.chat_template, add_generation_prompt
@@ -106,7 +108,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = self.check_length(len(ids), max_tokens, "messages")
         params = self.make_params(max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None, **kw)
         request_id = random_id("chatcmpl")
-        streams = await self.add_all(request_id, [{"prompt_token_ids": ids}], params, stream, body.int("priority", 0))
+        streams = await self.add_all(request_id, [{"prompt_token_ids": ids}], params, stream, priority)
         ctx = _Ctx(request_id, now_int(), model, params.n, (top_logprobs or 0) if logprobs else None, len(ids))
         try:
             if stream:

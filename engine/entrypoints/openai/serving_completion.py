@@ -77,7 +77,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: web.Request, data: Any) -> web.StreamResponse:
         body = Body(data)
         model = self.check_model(body)
-        prompts = await self.parse_prompts(body)
+        body.required("prompt")
         if body.has("suffix"):
             raise OpenAIError("'suffix' is not supported", param="suffix")
         stream = body.bool("stream", False)
@@ -86,6 +86,8 @@ class OpenAIServingCompletion(OpenAIServing):
         num_logprobs = body.int("logprobs", None, lo=0, hi=self.config.max_logprobs)
         max_tokens = body.int("max_tokens", 16, lo=1)
         kw = self.sampling_kwargs(body)
+        priority = body.int("priority", 0)
+        prompts = await self.parse_prompts(body)  # last: tokenizing is the costly check
         for p in prompts:
             self.check_length(len(p.ids), max_tokens, "prompt")
         params = self.make_params(
@@ -95,9 +97,11 @@ class OpenAIServingCompletion(OpenAIServing):
             **kw,
         )
         request_id = random_id("cmpl")
-        engine_prompts = [{"prompt": p.text, "prompt_token_ids": p.ids} if p.text is not None else {"prompt_token_ids": p.ids}
-                          for p in prompts]
-        streams = await self.add_all(request_id, engine_prompts, params, stream, body.int("priority", 0))
+        engine_prompts = [
+            {"prompt": p.text, "prompt_token_ids": p.ids} if p.text is not None else {"prompt_token_ids": p.ids}
+            for p in prompts
+        ]
+        streams = await self.add_all(request_id, engine_prompts, params, stream, priority)
         ctx = _Ctx(request_id, now_int(), model, params.n, echo, num_logprobs, prompts)
         try:
             if stream:
@@ -137,7 +141,9 @@ class OpenAIServingCompletion(OpenAIServing):
         entries += [None] * (len(out.prompt_token_ids) - len(entries))
         return self._logprobs(out.prompt_token_ids, entries, 0)
 
-    def _choice_logprobs(self, out: RequestOutput, o: Any, ctx: "_Ctx", first: bool, offset: int) -> tuple[dict | None, int]:
+    def _choice_logprobs(
+        self, out: RequestOutput, o: Any, ctx: "_Ctx", first: bool, offset: int
+    ) -> tuple[dict | None, int]:
         if ctx.num_logprobs is None:
             return None, offset
         merged: dict | None = None
