@@ -181,3 +181,39 @@ def test_engine_streaming_deltas_join_to_final_text(llm, greedy):
             break
     expected = greedy.text[: greedy.text.find(stop)]
     assert "".join(pieces) == expected and final.finish_reason == "stop" and final.stop_reason == stop
+
+
+# ---- property: streamed deltas, final text and stops agree for any text and stops ------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ALPHABET = st.sampled_from(list("ab ,.\n") + ["é", "日", "本", "🙂", "€"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(_ALPHABET, min_size=1, max_size=30),
+    stops=st.lists(st.text(_ALPHABET, min_size=1, max_size=4), min_size=1, max_size=3),
+    include=st.booleans(),
+)
+def test_stop_and_delta_properties(tokenizer, text, stops, include):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    full = tokenizer.decode(ids)
+    d = IncrementalDetokenizer(tokenizer, [1], SamplingParams(stop=stops, include_stop_str_in_output=include))
+    streamed, stop = "", None
+    for t in ids:
+        stop = d.update([t])
+        if stop is not None:
+            break
+        streamed += d.get_delta(finished=False)
+    streamed += d.get_delta(finished=True)
+    out = d.output_text
+    assert streamed == out, "the deltas add up to the final text"
+    assert full.startswith(out)
+    if stop is None:
+        assert out == full and not any(s in full for s in stops)
+    else:
+        body = out[: len(out) - len(stop)] if include else out
+        assert not include or out.endswith(stop)
+        assert full.startswith(body + stop), "the text is cut right before the matched stop"
+        assert not any(s in body + stop[:-1] for s in stops), "no stop string ends earlier"
