@@ -313,3 +313,22 @@ def test_throughput_degrades_gracefully_near_a_full_cache():
     useful = sum(len(p) + m - 1 for p, m in wl)
     assert computed <= 1.4 * useful, computed / useful
     assert sched.stats.num_preemptions <= len(wl)
+
+
+def test_engine_rejects_impossible_prompts_at_add_time_and_keeps_serving(tiny_model_path):
+    from engine.entrypoints.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(str(tiny_model_path), block_size=16, num_gpu_blocks_override=4, max_model_len=128)
+    engine = llm.llm_engine
+    with pytest.raises(PromptTooLongError, match="max_model_len"):
+        engine.add_request("long", list(range(100, 229)))  # 129 tokens > max_model_len
+    with pytest.raises(PromptTooLongError, match="KV blocks"):
+        llm.generate({"prompt_token_ids": list(range(100, 165))}, use_tqdm=False)  # 65 tokens = 5 blocks > 4
+    assert not engine.has_unfinished_requests() and engine.output_processor.parents == {}
+    out = llm.generate({"prompt_token_ids": list(range(100, 164))}, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 1  # the whole cache holds the prompt: room for one token
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert llm.get_stats()["kv_blocks_used"] == 0
+    llm.shutdown()

@@ -159,7 +159,7 @@ class Scheduler:
                 self._schedule_running(req, st)
             elif req.status == RequestStatus.PREEMPTED and req in st.preempted:
                 continue  # preempted earlier in this step: it waits at least one step
-            elif admitting:
+            elif admitting and not self._waits_for_sibling(req):
                 # no admissions into a cache that just overflowed (no thrashing), and in policy
                 # order nothing jumps past a blocked request; running ones behind it still run
                 admitting = not st.growth_preempted and self._has_seq_slot(req, st)
@@ -168,6 +168,18 @@ class Scheduler:
             self.waiting.remove(req)
             self._insert_running(req)
         return self._make_output(st)
+
+    def _waits_for_sibling(self, req: Request) -> bool:
+        """n > 1: the sample's first sibling is still computing the prompt they will share."""
+        if req.fork_from is None:
+            return False
+        leader = self.requests.get(req.fork_from)
+        return (
+            leader is not None
+            and leader.status == RequestStatus.RUNNING
+            # (a sibling resumed in this step may hold blocks a swap-in fills only now)
+            and (leader.num_computed_tokens < req.num_prompt_tokens or leader.resumed_step == self._step)
+        )
 
     def _has_seq_slot(self, req: Request, st: _Step) -> bool:
         """Whether max_num_seqs leaves room for ``req``; under priority it may take the slot of a
@@ -223,11 +235,10 @@ class Scheduler:
             grow = max(kv.blocks_needed(req.num_computed_tokens + num_new) - held, 0)
             return _Admission("swap_in", num_new, held + grow)
         if req.fork_from is not None:
+            if self._waits_for_sibling(req):
+                return None
             leader = self.requests.get(req.fork_from)
             if leader is not None and leader.status == RequestStatus.RUNNING:
-                # (a sibling resumed in this step may hold blocks a swap-in fills only now)
-                if leader.num_computed_tokens < req.num_prompt_tokens or leader.resumed_step == self._step:
-                    return None  # its sibling is still computing the shared prompt
                 return _Admission("fork", 1, 1, source=leader)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
         computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
