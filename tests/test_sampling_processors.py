@@ -150,12 +150,14 @@ MIXED_FILTERS = [
 ]
 
 
+@pytest.mark.parametrize("scale", [1.5, 8.0], ids=["flat", "peaked"])
 @pytest.mark.parametrize("params", [MIXED_FILTERS, TOP_K_ONLY], ids=["mixed", "top_k_only"])
-def test_random_rows_filters_match_transformers_warpers(params):
+def test_random_rows_filters_match_transformers_warpers(params, scale):
     torch.manual_seed(1)
     states = [make_state(p, [5], [], rid=f"r{i}") for i, p in enumerate(params)]
-    # flat enough that each filter's boundary falls among many tokens, so an off-by-a-bit filter shows
-    logits = torch.randn(len(states), V) * 1.5
+    # flat: each filter's boundary falls among many tokens, so an off-by-a-bit filter shows, and
+    # top-p needs its full sort; peaked: the nucleus lies in the top candidates (no sort)
+    logits = torch.randn(len(states), V) * scale
     meta = SamplingMetadata.build(states, V, torch.device("cpu"))
     out = Sampler.random_logits(logits.clone(), meta)
     rand_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -255,3 +257,20 @@ def test_logprobs_are_raw_and_ranked():
         vals, ids = ref[i].topk(5)
         assert out.logprob_token_ids[i, 1:].tolist() == ids.tolist()
         torch.testing.assert_close(out.logprobs[i, 1:], vals, atol=1e-5, rtol=0)
+
+
+def test_top_p_candidate_path_equals_the_full_sort():
+    from engine.sample.sampler import TOP_P_CANDIDATES, _top_p_by_sort, apply_top_p
+
+    torch.manual_seed(2)
+    top_p = torch.tensor([0.5, 0.9, 1.0, 0.95, 0.3, 0.999])
+    for scale in (0.5, 3.0, 10.0):
+        logits = torch.randn(len(top_p), V) * scale
+        logits[1, :100] = float("-inf")
+        fast = apply_top_p(logits, top_p)
+        ref = _top_p_by_sort(logits, top_p)
+        assert torch.equal(fast.isinf(), ref.isinf()), f"scale {scale}"
+        assert torch.equal(fast[~fast.isinf()], logits[~fast.isinf()])
+        if scale == 10.0:  # the candidate path really ran for the top-p rows
+            mass = logits.softmax(-1).topk(TOP_P_CANDIDATES).values.sum(-1)
+            assert bool((mass >= top_p)[top_p < 1].all())
