@@ -135,6 +135,21 @@ async def run_one(
     return res
 
 
+async def prefix_cache_hits(session: aiohttp.ClientSession, base_url: str) -> float | None:
+    """The server's vllm:prefix_cache_hits_total, if it exports one: a repeated run of the same seed
+    finds its prompts cached, which shortens TTFT."""
+    try:
+        async with session.get(base_url + "/metrics") as r:
+            if r.status != 200:
+                return None
+            text = await r.text()
+    except aiohttp.ClientError:
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:prefix_cache_hits_total")]
+    return sum(values) if values else None
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -163,9 +178,11 @@ async def benchmark(args: argparse.Namespace) -> dict:
             async with limit:
                 return await run_one(session, args, model, spec)
 
+        hits0 = await prefix_cache_hits(session, args.base_url)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(launch(s, d) for s, d in zip(specs, delays)))
         duration = time.perf_counter() - t0
+        hits1 = await prefix_cache_hits(session, args.base_url)
     ok = [r for r in results if r.ok]
     ttft = [r.ttft for r in ok]
     itl = [x for r in ok for x in r.itl]
@@ -185,6 +202,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
         "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "prefix_cache_hit_tokens": None if hits0 is None or hits1 is None else hits1 - hits0,
     }
     for name, vals in (("ttft", ttft), ("itl", itl), ("tpot", tpot), ("e2e", [r.latency for r in ok])):
         summary[f"mean_{name}_ms"] = 1000 * statistics.fmean(vals) if vals else float("nan")
@@ -210,6 +228,8 @@ def print_summary(s: dict) -> None:
         ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
         ("Total input tokens", s["total_input_tokens"]),
         ("Total generated tokens", s["total_output_tokens"]),
+        ("Prompt tokens found in prefix cache", "n/a" if s["prefix_cache_hit_tokens"] is None
+         else int(s["prefix_cache_hit_tokens"])),
         ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
         ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
