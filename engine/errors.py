@@ -19,3 +19,7 @@ class PromptTooLongError(EngineError, ValueError):
 
 class EngineDeadError(EngineError, RuntimeError):
     """The engine (or a worker of it) failed; requests in flight cannot finish."""
+
+
+class EngineStartupError(EngineError, RuntimeError):
+    """The engine could not start its workers (not enough resources, a taken port, a dead cluster)."""

@@ -35,8 +35,12 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = frozenset(config.model.eos_token_ids() | ({self.tokenizer.eos_token_id} - {None}))
         self.executor = make_executor(config)
-        self.executor.load_model()
-        num_blocks = self.executor.determine_num_blocks()
+        try:
+            self.executor.load_model()
+            num_blocks = self.executor.determine_num_blocks()
+        except BaseException:
+            self.executor.shutdown()  # stop Ray workers that did start
+            raise
         self.spec_decoder = None  # speculative decoding (engine/spec_decode), with its draft model if any
         if config.speculative_config is not None:
             from engine.spec_decode.manager import SpeculativeDecoder

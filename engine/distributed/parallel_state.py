@@ -1,6 +1,8 @@
 """The tensor-parallel group of this process. With one rank every collective is a no-op."""
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,3 +37,42 @@ def set_tp_group(rank: int, size: int) -> None:
 
 def get_tp_group() -> TPGroup:
     return _TP
+
+
+# ---- process-group set-up (one process per rank) -----------------------------------------------
+DEFAULT_TIMEOUT_S = 120.0  # a collective or the rendezvous waiting longer than this fails
+
+
+def dist_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("PAGED_ENGINE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+
+
+def create_store(init_method: str, rank: int, world_size: int) -> torch.distributed.Store:
+    """The rendezvous store: ``file://PATH`` (ranks on one host: no socket, no port to collide on)
+    or ``tcp://HOST:PORT`` (rank 0 listens; PORT 0 binds a free port atomically, read it back
+    from ``store.port``). A taken port or an unreachable host raises ``EngineStartupError``."""
+    from engine.errors import EngineStartupError
+
+    if init_method.startswith("file://"):
+        return torch.distributed.FileStore(init_method[len("file://"):], world_size)
+    if not init_method.startswith("tcp://"):
+        raise ValueError(f"distributed init method must be file:// or tcp://, got {init_method!r}")
+    host, _, port = init_method[len("tcp://"):].rpartition(":")
+    try:
+        return torch.distributed.TCPStore(
+            host.strip("[]"), int(port), world_size, rank == 0, timeout=dist_timeout(), wait_for_workers=False
+        )
+    except (RuntimeError, OSError) as e:  # torch raises DistNetworkError (a RuntimeError)
+        what = f"listen on port {port}" if rank == 0 else f"reach rank 0 at {host}:{port}"
+        raise EngineStartupError(f"tensor-parallel rank {rank} could not {what}: {e}") from e
+
+
+def init_distributed(store: torch.distributed.Store, rank: int, world_size: int, backend: str) -> None:
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=dist_timeout())
+    set_tp_group(rank, world_size)
+
+
+def destroy_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    set_tp_group(0, 1)

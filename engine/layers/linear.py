@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed.head_layout import tp_head_layout
 from engine.distributed.parallel_state import get_tp_group
 
 
@@ -69,45 +70,55 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V projections in one matrix, split by heads. When there are fewer KV heads than
-    ranks, each KV head is replicated on ``tp_size / num_kv_heads`` ranks."""
+    """Q, K and V projections in one matrix, split by heads. Head counts that do not divide by the
+    number of ranks are padded with zero heads or replicated (engine/distributed/head_layout.py)."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
         tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank, tp.size
         self.head_dim = head_dim
-        self.num_heads = divide(num_heads, tp.size)
-        if num_kv_heads >= tp.size:
-            self.num_kv_heads = divide(num_kv_heads, tp.size)
-            self.kv_replicas = 1
-        else:
-            self.num_kv_heads = 1
-            self.kv_replicas = divide(tp.size, num_kv_heads)
-        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
-        super().__init__(hidden, out, bias)
+        self.layout = tp_head_layout(num_heads, num_kv_heads, tp.size, tp.rank)
+        self.num_heads = self.layout.num_heads
+        self.num_kv_heads = self.layout.num_kv_heads
+        LinearBase.__init__(self, hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, q_size, self.tp_rank * q_size
+            offset, heads = 0, self.layout.q_heads
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
-            size = kv_size
-            start = (self.tp_rank // self.kv_replicas) * kv_size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+            heads = self.layout.kv_heads
+        copy_heads(param.data, loaded, 0, offset, heads, self.head_dim)
 
 
 class RowParallelLinear(LinearBase):
-    """Splits the input dimension; partial products are summed with an all-reduce."""
+    """Splits the input dimension; partial products are summed with an all-reduce.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    With ``input_heads`` (o_proj), rank r holds the input columns of the attention heads its
+    QKVParallelLinear holds, in the same order, with zero columns for padded heads."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        input_heads: tuple[int | None, ...] | None = None,
+        head_dim: int | None = None,
+    ) -> None:
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank, tp.size
-        super().__init__(divide(in_features, tp.size), out_features, bias)
+        self.input_heads, self.head_dim = input_heads, head_dim
+        local_in = len(input_heads) * head_dim if input_heads is not None else divide(in_features, tp.size)
+        super().__init__(local_in, out_features, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: added once, on rank 0
             param.data.copy_(loaded if self.tp_rank == 0 else torch.zeros_like(loaded))
+            return
+        if self.input_heads is not None:
+            copy_heads(param.data, loaded, 1, 0, self.input_heads, self.head_dim)
             return
         size = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
@@ -115,3 +126,21 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         return get_tp_group().all_reduce(y)
+
+
+def copy_heads(
+    dst: torch.Tensor, src: torch.Tensor, dim: int, offset: int, heads: tuple[int | None, ...], head_dim: int
+) -> None:
+    """Copies head ``heads[j]`` of ``src`` (``head_dim`` rows or columns along ``dim``) into slot ``j``
+    of ``dst`` starting at ``offset``; a None head is zero-filled."""
+    real = [h for h in heads if h is not None]
+    if len(real) == len(heads) and real == list(range(real[0], real[0] + len(real))):
+        n = len(heads) * head_dim
+        dst.narrow(dim, offset, n).copy_(src.narrow(dim, real[0] * head_dim, n))
+        return
+    for j, h in enumerate(heads):
+        out = dst.narrow(dim, offset + j * head_dim, head_dim)
+        if h is None:
+            out.zero_()
+        else:
+            out.copy_(src.narrow(dim, h * head_dim, head_dim))

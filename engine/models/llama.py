@@ -24,7 +24,10 @@ class LlamaAttention(nn.Module):
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, bias=bias)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias=bool(getattr(config, "attention_bias", False)))
+        self.o_proj = RowParallelLinear(
+            num_heads * head_dim, hidden, bias=bool(getattr(config, "attention_bias", False)),
+            input_heads=self.qkv_proj.layout.q_heads, head_dim=head_dim,  # padded heads: zero columns
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = head_dim

@@ -11,7 +11,7 @@ import os
 import torch
 
 from engine.config import EngineConfig
-from engine.distributed.parallel_state import set_tp_group
+from engine.distributed.parallel_state import create_store, destroy_distributed, init_distributed, set_tp_group
 from engine.scheduler.output import SchedulerOutput
 from engine.worker.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -29,14 +29,22 @@ class Worker:
         self.device = config.device
         self.runner: ModelRunner | None = None
 
+    def prepare_rendezvous(self) -> str:
+        """Rank 0 opens the rendezvous store before the other ranks join; returns the init method
+        they use (with the port actually bound when the configured one is 0)."""
+        self._store = create_store(self.distributed_init_method, self.rank, self.tp_size)
+        if isinstance(self._store, torch.distributed.TCPStore):
+            host = self.distributed_init_method[len("tcp://"):].rpartition(":")[0]
+            return f"tcp://{host}:{self._store.port}"
+        return self.distributed_init_method
+
     def init_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.tp_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(
-                backend, init_method=self.distributed_init_method, world_size=self.tp_size, rank=self.rank
-            )
+            store = getattr(self, "_store", None) or create_store(self.distributed_init_method, self.rank, self.tp_size)
+            init_distributed(store, self.rank, self.tp_size, backend)
         set_tp_group(self.rank, self.tp_size)
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, self.device)
@@ -86,5 +94,5 @@ class Worker:
         return True
 
     def shutdown(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if self.tp_size > 1:
+            destroy_distributed()
