@@ -213,3 +213,28 @@ def test_pool_rejects_double_free():
         pool.free([b])
     with pytest.raises(ValueError):
         BlockPool(0)
+
+
+def test_runner_block_ops_read_before_overwrite():
+    """The runner copies swap-outs, then copy-on-write, then swap-ins: a block freed by a swap-out
+    or a copy-on-write and handed out again in the same step is read before it is overwritten."""
+    import torch
+
+    from engine.scheduler.output import SchedulerOutput
+    from engine.worker.model_runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.device = torch.device("cpu")
+    k = torch.arange(4.0).view(4, 1, 1, 1).repeat(1, 2, 1, 3)  # block i holds the value i
+    runner.kv_caches = [(k, k.clone() + 10)]
+    runner.host_kv_caches = [(torch.full((2, 2, 1, 3), -1.0), torch.full((2, 2, 1, 3), -1.0))]
+    runner.host_kv_caches[0][0][1] = 7.0  # a swapped-out request's block waiting in host block 1
+    runner.host_kv_caches[0][1][1] = 17.0
+    so = SchedulerOutput(swap_out=[(0, 0)], copy_blocks=[(1, 0)], swap_in=[(1, 1)])
+    runner._apply_block_ops(so)
+    dk, dv = runner.kv_caches[0]
+    hk, hv = runner.host_kv_caches[0]
+    assert hk[0].unique().tolist() == [0.0] and hv[0].unique().tolist() == [10.0]  # read before the copy overwrote it
+    assert dk[0].unique().tolist() == [1.0] and dv[0].unique().tolist() == [11.0]  # the copy read block 1 before the swap-in
+    assert dk[1].unique().tolist() == [7.0] and dv[1].unique().tolist() == [17.0]
+    assert dk[2].unique().tolist() == [2.0]
