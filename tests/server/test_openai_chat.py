@@ -114,3 +114,25 @@ def test_tokenize_messages_matches_chat_usage(client, server):
     status, detok = http(server, "POST", "/detokenize", {"tokens": tok["tokens"]})
     assert status == 200 and "What is the capital of France?" in detok["prompt"]
     assert "<|im_start|>assistant" in detok["prompt"]  # the generation prompt of the ChatML template
+
+
+def test_multibyte_output_streams_whole_characters_and_logprob_bytes(client):
+    kw = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Repeat after me: 🎉🎉🎉"}], max_tokens=12,
+              temperature=0)
+    full = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    text = full.choices[0].message.content
+    assert "🎉" in text and "\ufffd" not in text
+    # one emoji spans several byte-level tokens: their raw bytes, joined, spell the text
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens > len(text)
+    if full.choices[0].finish_reason == "stop":  # the EOS token has an entry too (as in vLLM), not text
+        content = content[:-1]
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8") == text
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [ch.choices[0].delta.content or "" for ch in chunks]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    # completions, too
+    cmpl = dict(model=MODEL_NAME, prompt="Emoji party: 🎉🎉🎉🎉", max_tokens=12, temperature=0)
+    whole = client.completions.create(**cmpl).choices[0].text
+    assert "🎉" in whole and "\ufffd" not in whole
+    assert "".join(ch.choices[0].text for ch in client.completions.create(**cmpl, stream=True)) == whole

@@ -125,7 +125,7 @@ class OpenAIServingChat(OpenAIServing):
     def _entry(self, tid: int, lp: Logprob | None) -> dict:
         s = lp.decoded_token if lp is not None and lp.decoded_token is not None else self.tokenizer.decode([tid])
         return {"token": s, "logprob": clamp_logprob(lp.logprob) if lp is not None else MIN_LOGPROB,
-                "bytes": list(s.encode("utf-8"))}
+                "bytes": self.token_bytes(tid, s)}
 
     def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]] | None, k: int | None) -> dict | None:
         if k is None:

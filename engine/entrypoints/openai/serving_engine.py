@@ -67,6 +67,46 @@ def _tokenize_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's reversible byte -> printable character table, inverted (byte-level BPE vocabularies
+    spell every token with these characters)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenBytes:
+    """The raw bytes of a token, as OpenAI's chat logprobs report them: for byte-level BPE a token may
+    hold part of a UTF-8 character, whose decoded text is only U+FFFD."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.table = _byte_level_table() if type(decoder).__name__ == "ByteLevel" else None
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._cache: dict[int, list[int]] = {}
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        cached = self._cache.get(token_id)
+        if cached is not None:
+            return cached
+        out = list(text.encode("utf-8"))
+        if self.table is not None and token_id not in self.special:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and all(c in self.table for c in piece):
+                out = [self.table[c] for c in piece]
+        if len(self._cache) < 65536:
+            self._cache[token_id] = out
+        return out
+
+
 @dataclass
 class ServerConfig:
     served_model_names: list[str]
@@ -83,6 +123,7 @@ class OpenAIServing:
         # must not be shared across threads
         self.tokenizer = tokenizer
         self._tokenize_pool = _tokenize_pool()
+        self.token_bytes = TokenBytes(tokenizer)
         sched = engine.engine.scheduler
         self.max_model_len = min(engine.engine.config.model.max_model_len, sched.max_model_len)
         self.vocab_size = engine.engine.config.model.vocab_size
