@@ -183,7 +183,7 @@ def test_bad_speculative_config_is_a_value_error(tiny_model_path):
 
 
 # ---- the sampled law ---------------------------------------------------------------------------
-TOP_K, TEMP, N_SAMPLES = 3, 0.9, 1500
+TOP_K, TEMP, N_SAMPLES = 3, 0.9, 1000
 
 
 def _exact_law(model_path, prompt):
