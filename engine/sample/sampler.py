@@ -74,7 +74,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
     A token outside the top K has at least the top K's mass above it, so when that mass reaches
     top_p the nucleus lies inside the top K: a topk of K instead of a sort of the vocabulary (on CPU
-    a [64, 49152] sort costs about 10x a top-256). Rows whose top K falls short are sorted."""
+    a [64, 49152] sort costs about 5-10x a top-256). Rows whose top K falls short are sorted.
+    The kept set equals the sort's except where a token's mass above is within float rounding of
+    top_p (the short candidate sum is the more accurate of the two)."""
     vocab = logits.shape[-1]
     active = top_p < 1.0  # rows without top-p in a batch where others use it
     probs = logits.softmax(dim=-1)
