@@ -137,8 +137,12 @@ def test_stops_max_tokens_and_logprobs(tiny_model_path, draft_path, prompts, ref
     ] + [
         SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logprobs=0),
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[text[len(text) // 2 : len(text) // 2 + 3]]),
+        # options whose effect depends on the output so far: each verified position sees the
+        # output extended by the proposals before it
+        SamplingParams(temperature=0.0, max_tokens=24, min_tokens=12, stop_token_ids=[reference[4][2]]),
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.5),
     ]
-    ps = prompts + prompts[4:5] + prompts[4:5]
+    ps = prompts + prompts[4:5] * 4
     want, got = _gen(base, ps, params), _gen(llm, ps, params)
     for w, g in zip(want, got):
         a, b = w.outputs[0], g.outputs[0]
@@ -149,7 +153,8 @@ def test_stops_max_tokens_and_logprobs(tiny_model_path, draft_path, prompts, ref
             for t in la:
                 assert lb[t].logprob == pytest.approx(la[t].logprob, abs=1e-4) and lb[t].rank == la[t].rank
     assert got[len(prompts)].outputs[0].finish_reason == "length" and len(got[len(prompts)].outputs[0].token_ids) == 7
-    assert got[-1].outputs[0].finish_reason == "stop"
+    assert got[len(prompts) + 1].outputs[0].finish_reason == "stop"
+    assert len(got[len(prompts) + 2].outputs[0].token_ids) >= 12
     assert llm.get_stats()["spec_num_accepted_tokens"] > 0
     _assert_free(llm)
 
