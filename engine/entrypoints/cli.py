@@ -32,6 +32,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])
     g.add_argument("--quantization", default=None, choices=["int8"])
     g.add_argument("--device", default=None)
+    g.add_argument(
+        "--speculative-config", type=_json_dict, default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'',
+    )
+
+
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
