@@ -161,9 +161,10 @@ def test_copy_on_write_for_a_shared_partial_block():
     kv.check_invariants()
 
 
-def test_swap_out_and_in_moves_blocks_through_host_memory():
-    kv = KVCacheManager(4, BS, num_host_blocks=3)
-    a = make_request("a", list(range(7)))
+@pytest.mark.parametrize("caching", [False, True])
+def test_swap_out_and_in_moves_blocks_through_host_memory(caching):
+    kv = KVCacheManager(4, BS, enable_caching=caching, num_host_blocks=3)
+    a = make_request("a", list(range(7)))  # one full block and a partial one
     assert admit(kv, a)
     old = list(a.block_ids)
     assert kv.can_swap_out(a)
@@ -173,14 +174,33 @@ def test_swap_out_and_in_moves_blocks_through_host_memory():
     assert [d for d, _ in ops.swap_out] == old
     host = [h for _, h in ops.swap_out]
     kv.check_invariants()
-    assert kv.swap_in_blocks_needed(a) == 2
+    assert kv.swap_in_blocks_needed(a) == 2  # a revived cached block also takes a free block
     kv.swap_in(a)
     ops = kv.take_block_ops()
-    assert [h for h, _ in ops.swap_in] == host and [d for _, d in ops.swap_in] == a.block_ids
+    if caching:  # the full block is still cached on the device: only the partial one is copied
+        assert a.block_ids[0] == old[0] and ops.swap_in == [(host[1], a.block_ids[1])]
+        assert kv.stats.swap_in_cache_hits == 1 and kv.stats.swapped_in_blocks == 1
+    else:
+        assert [h for h, _ in ops.swap_in] == host and [d for _, d in ops.swap_in] == a.block_ids
+        assert kv.stats.swapped_in_blocks == 2
     assert kv.host_pool.num_free_blocks == 3 and not kv.is_swapped(a)
     kv.check_invariants()
     big = make_request("b", list(range(20)))
     assert not kv.can_swap_out(big)  # nothing computed, nothing to swap
+
+
+def test_swap_in_after_eviction_copies_everything_back():
+    kv = KVCacheManager(4, BS, num_host_blocks=3)
+    a = make_request("a", list(range(9)))  # two full blocks
+    assert admit(kv, a)
+    kv.swap_out(a)
+    kv.take_block_ops()
+    other = make_request("o", list(range(100, 116)))  # takes every block: a's cached copies are evicted
+    assert admit(kv, other, caching_lookup=False)
+    kv.free(other)
+    kv.swap_in(a)
+    assert len(kv.take_block_ops().swap_in) == 3 and kv.stats.swap_in_cache_hits == 0
+    kv.check_invariants()
 
 
 def test_free_of_a_swapped_request_returns_host_blocks():

@@ -58,7 +58,8 @@ def test_preemption_by_swap(default_model_path, prompts, reference):
     ids = [{"prompt_token_ids": p} for p in prompts[:NUM_PROMPTS]]
     st = _check(llm, llm.generate(ids, GREEDY, use_tqdm=False), reference, "swap")
     assert st["scheduler_num_swap_preemptions"] > 0 and st["swapped_out_blocks"] > 0
-    assert st["swapped_in_blocks"] == st["swapped_out_blocks"]
+    # every block swapped out came back: copied from host, or found still cached on the device
+    assert st["swapped_in_blocks"] + st["swap_in_cache_hits"] == st["swapped_out_blocks"]
 
     # abort a request while it is swapped out: its host and device blocks all come back
     engine = llm.llm_engine

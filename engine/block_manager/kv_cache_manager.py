@@ -20,7 +20,8 @@ class KVCacheStats:
     shared_prompt_tokens: int = 0  # n > 1: prompt tokens a sample took from its first sibling
     cow_copies: int = 0  # blocks copied because a request wrote into a shared block
     swapped_out_blocks: int = 0
-    swapped_in_blocks: int = 0
+    swapped_in_blocks: int = 0  # blocks copied back from host memory
+    swap_in_cache_hits: int = 0  # blocks a swap-in found still cached on the device (no copy)
 
 
 @dataclass
@@ -233,21 +234,47 @@ class KVCacheManager:
         self.stats.swapped_out_blocks += keep
         request.block_ids = []
 
+    def _swap_in_hits(self, request: Request) -> list[KVBlock]:
+        """Leading full blocks of a swapped-out request still cached on the device (often its own,
+        freed at swap-out and not yet evicted): they need no copy back."""
+        if not self.enable_caching:
+            return []
+        bs = self.block_size
+        num_full = min(request.num_computed_tokens // bs, len(self.host_tables.get(request.request_id, ())))
+        hashes = self._hashes(request, num_full * bs)
+        hits: list[KVBlock] = []
+        for i in range(num_full):
+            tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(hashes[i], hashes[i - 1] if i else None, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
     def swap_in_blocks_needed(self, request: Request) -> int:
-        return len(self.host_tables.get(request.request_id, ()))
+        """Free device blocks ``swap_in`` consumes."""
+        hits = self._swap_in_hits(request)
+        num_revived = sum(1 for b in hits if b.ref_count == 0)
+        return len(self.host_tables.get(request.request_id, ())) - len(hits) + num_revived
 
     def swap_in(self, request: Request) -> None:
-        """Gives a swapped-out request fresh device blocks and queues the copies back."""
+        """Gives a swapped-out request device blocks again: cached ones where the device still has
+        them, fresh ones filled by copies from host memory for the rest."""
         rid = request.request_id
+        hits = self._swap_in_hits(request)
         host = self.host_tables.pop(rid)
-        table = self.pool.allocate(len(host))
-        self._ops.swap_in.extend((h, b.block_id) for h, b in zip(host, table))
+        for block in hits:
+            self.pool.touch(block)
+        fresh = self.pool.allocate(len(host) - len(hits))
+        self._ops.swap_in.extend((h, b.block_id) for h, b in zip(host[len(hits) :], fresh))
         self.host_pool.free(host)
+        table = hits + fresh
         self.tables[rid] = table
-        # its full blocks are registered again (under their hashes) when allocate_slots runs next
-        self.num_cached_blocks[rid] = 0
+        # the copied full blocks are registered again (under their hashes) when allocate_slots runs
+        self.num_cached_blocks[rid] = len(hits)
         self._rewritten.add(rid)
-        self.stats.swapped_in_blocks += len(table)
+        self.stats.swapped_in_blocks += len(fresh)
+        self.stats.swap_in_cache_hits += len(hits)
         request.block_ids = [b.block_id for b in table]
 
     # ---- release ---------------------------------------------------------------------------
@@ -293,6 +320,7 @@ class KVCacheManager:
             "cow_copies": self.stats.cow_copies,
             "swapped_out_blocks": self.stats.swapped_out_blocks,
             "swapped_in_blocks": self.stats.swapped_in_blocks,
+            "swap_in_cache_hits": self.stats.swap_in_cache_hits,
         }
 
     # ---- checking --------------------------------------------------------------------------

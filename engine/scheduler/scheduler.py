@@ -231,9 +231,9 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and num_new > budget:
                 return False
             num_new = min(num_new, budget)
-            held = kv.swap_in_blocks_needed(req)
-            grow = max(kv.blocks_needed(req.num_computed_tokens + num_new) - held, 0)
-            return _Admission("swap_in", num_new, held + grow)
+            table_len = len(kv.host_tables[req.request_id])
+            grow = max(kv.blocks_needed(req.num_computed_tokens + num_new) - table_len, 0)
+            return _Admission("swap_in", num_new, kv.swap_in_blocks_needed(req) + grow)
         if req.fork_from is not None:
             if self._waits_for_sibling(req):
                 return None
