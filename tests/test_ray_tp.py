@@ -99,6 +99,25 @@ def test_busy_cluster_times_out_instead_of_waiting_forever(ray_cluster, tiny_mod
     assert ray_cluster.available_resources().get("CPU") == 2.0, "the failed engine's placement group was removed"
 
 
+def test_pinned_port_taken_is_a_clear_error(ray_cluster, tiny_model_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        monkeypatch.setenv("PAGED_ENGINE_DIST_PORT", str(port))
+        t0 = time.monotonic()
+        with pytest.raises(EngineStartupError, match=f"rank 0 could not listen on port {port}") as info:
+            LLM(str(tiny_model_path), tensor_parallel_size=2, num_gpu_blocks_override=32)
+        assert type(info.value) is EngineStartupError, "the worker's error arrives as raised, not wrapped"
+        assert time.monotonic() - t0 < 90
+    deadline = time.monotonic() + 15
+    while ray_cluster.available_resources().get("CPU") != 2.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU") == 2.0, "the workers that did start were stopped"
+
+
 # ---- SmolLM2: 9 query heads / 3 KV heads on 2 ranks ------------------------------------------------
 def test_smollm2_golden_prompts_tp2_equal_tp1(ray_cluster, default_model_path):
     from transformers import AutoTokenizer

@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineStartupError
+from engine.errors import EngineDeadError, EngineError, EngineStartupError
 from engine.executor.base import Executor
 from engine.executor.ray_utils import (
     RayWorkerWrapper,
@@ -131,7 +131,9 @@ class RayExecutor(Executor):
         who = ", ".join(self._describe(r) for r in ranks)
         if what == "start":
             if isinstance(cause, ray.exceptions.RayTaskError):
-                return cause  # the worker's own error (it is also an instance of the original type)
+                inner = getattr(cause, "cause", None)
+                # the worker's own error: ours as raised, others wrapped (RayTaskError subclasses them)
+                return inner if isinstance(inner, EngineError) else cause
             return EngineStartupError(f"tensor-parallel worker {who} failed to start: {_short(cause)}")
         kind = "died" if isinstance(cause, ray.exceptions.RayActorError) else "failed"
         err = EngineDeadError(
