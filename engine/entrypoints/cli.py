@@ -6,6 +6,7 @@ import logging
 import sys
 
 from engine.config import EngineArgs
+from engine.errors import EngineError
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, EngineError) as e:  # EngineError: e.g. Ray workers could not start
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -149,6 +149,10 @@ class RayWorkerWrapper:
     def init_worker(self, config: Any, rank: int, init_method: str, gloo_ip: str) -> None:
         from engine.worker.worker import Worker
 
+        if config.device.type == "cuda":
+            import torch
+
+            config.device = torch.device("cuda", 0)  # Ray's CUDA_VISIBLE_DEVICES shows this actor one GPU
         iface = interface_for_ip(gloo_ip)
         if iface is not None and config.device.type == "cpu":
             os.environ["GLOO_SOCKET_IFNAME"] = iface  # gloo listens on the node's address, not on all
