@@ -20,6 +20,7 @@ from tests.conftest import assert_greedy_match
 
 pytestmark = pytest.mark.slow
 
+CLUSTER_CPUS = 4  # logical CPUs: room for two TP=2 engines at once (on 2 cores)
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):\n    ", "List three prime numbers"]
 
 
@@ -28,7 +29,7 @@ def ray_cluster():
     import ray
 
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -74,29 +75,29 @@ def rank_param_bytes(num_layers, hidden, inter, vocab, heads, kv_heads, head_dim
 # ---- start-up failures: clear errors, no hang -----------------------------------------------------
 def test_not_enough_cpus_fails_at_once(ray_cluster, tiny_model_path):
     t0 = time.monotonic()
-    with pytest.raises(EngineStartupError, match=r"tensor_parallel_size=3 needs 3 CPU .* the cluster has 2"):
-        LLM(str(tiny_model_path), tensor_parallel_size=3)
+    with pytest.raises(EngineStartupError, match=r"tensor_parallel_size=5 needs 5 CPU .* the cluster has 4"):
+        LLM(str(tiny_model_path), tensor_parallel_size=5)
     assert time.monotonic() - t0 < 30
-    assert ray_cluster.available_resources().get("CPU") == 2.0, "nothing was left reserved"
+    assert ray_cluster.available_resources().get("CPU") == CLUSTER_CPUS, "nothing was left reserved"
 
 
 def test_busy_cluster_times_out_instead_of_waiting_forever(ray_cluster, tiny_model_path, monkeypatch):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    held = placement_group([{"CPU": 1}])  # another job holds one of the two CPUs
+    held = placement_group([{"CPU": 3}])  # another job holds three of the four CPUs
     assert held.wait(timeout_seconds=30)
     monkeypatch.setenv("PAGED_ENGINE_RAY_PLACEMENT_TIMEOUT", "2")
     try:
         t0 = time.monotonic()
-        with pytest.raises(EngineStartupError, match=r"could not place 2 workers .* 1 of the cluster's 2 CPU are free"):
+        with pytest.raises(EngineStartupError, match=r"could not place 2 workers .* 1 of the cluster's 4 CPU are free"):
             LLM(str(tiny_model_path), tensor_parallel_size=2)
         assert time.monotonic() - t0 < 30
     finally:
         remove_placement_group(held)
     deadline = time.monotonic() + 10
-    while ray_cluster.available_resources().get("CPU") != 2.0 and time.monotonic() < deadline:
+    while ray_cluster.available_resources().get("CPU") != CLUSTER_CPUS and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray_cluster.available_resources().get("CPU") == 2.0, "the failed engine's placement group was removed"
+    assert ray_cluster.available_resources().get("CPU") == CLUSTER_CPUS, "the failed engine's placement group was removed"
 
 
 def test_pinned_port_taken_is_a_clear_error(ray_cluster, tiny_model_path, monkeypatch):
@@ -113,9 +114,9 @@ def test_pinned_port_taken_is_a_clear_error(ray_cluster, tiny_model_path, monkey
         assert type(info.value) is EngineStartupError, "the worker's error arrives as raised, not wrapped"
         assert time.monotonic() - t0 < 90
     deadline = time.monotonic() + 15
-    while ray_cluster.available_resources().get("CPU") != 2.0 and time.monotonic() < deadline:
+    while ray_cluster.available_resources().get("CPU") != CLUSTER_CPUS and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray_cluster.available_resources().get("CPU") == 2.0, "the workers that did start were stopped"
+    assert ray_cluster.available_resources().get("CPU") == CLUSTER_CPUS, "the workers that did start were stopped"
 
 
 # ---- SmolLM2: 9 query heads / 3 KV heads on 2 ranks ------------------------------------------------
@@ -204,6 +205,24 @@ def test_steps_send_only_deltas(tiny_tp2):
         assert size < 2048, f"a decode step of 2 requests serialises to {size} bytes"
 
 
+def test_two_engines_on_one_host(tiny_tp2, tiny_model_path):
+    """A second TP=2 engine beside the first: no port to collide on (each has its own file store),
+    both answer correctly while interleaved, and the second one's shutdown leaves the first working."""
+    other = LLM(str(tiny_model_path), tensor_parallel_size=2, num_gpu_blocks_override=64)
+    try:
+        assert {w.pid for w in other.llm_engine.executor.workers}.isdisjoint(
+            {w.pid for w in tiny_tp2.llm_engine.executor.workers}
+        )
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        a = [o.outputs[0].token_ids for o in tiny_tp2.generate(PROMPTS, params, use_tqdm=False)]
+        b = [o.outputs[0].token_ids for o in other.generate(PROMPTS, params, use_tqdm=False)]
+        assert a == b
+    finally:
+        other.shutdown()
+    again = [o.outputs[0].token_ids for o in tiny_tp2.generate(PROMPTS, params, use_tqdm=False)]
+    assert again == a
+
+
 def test_ray_listens_on_loopback_only(tiny_tp2, ray_cluster):
     import psutil
 
@@ -277,10 +296,10 @@ def test_worker_killed_mid_generation(tiny_tp2):
     assert r["shutdown_s"] < 30, r
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and (
-        psutil.pid_exists(workers[0].pid) or ray.available_resources().get("CPU") != 2.0
+        psutil.pid_exists(workers[0].pid) or ray.available_resources().get("CPU") != CLUSTER_CPUS
     ):
         time.sleep(0.2)
     assert not psutil.pid_exists(workers[0].pid), "the surviving rank was stopped"
-    assert ray.available_resources().get("CPU") == 2.0, "the placement group was released"
+    assert ray.available_resources().get("CPU") == CLUSTER_CPUS, "the placement group was released"
     with pytest.raises(EngineDeadError):
         engine.executor.execute_model(None)
