@@ -89,9 +89,10 @@ def test_greedy_verify_rule():
 
 
 def _chi2_sf(x: float, dof: int) -> float:
-    """Survival function of chi-square (Wilson-Hilferty normal approximation; ample here)."""
-    z = ((x / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
+    """P(chi-square with ``dof`` degrees of freedom > x)."""
+    if math.isinf(x):
+        return 0.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
