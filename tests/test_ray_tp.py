@@ -205,11 +205,15 @@ def test_steps_send_only_deltas(tiny_tp2):
         assert size < 2048, f"a decode step of 2 requests serialises to {size} bytes"
 
 
-def test_two_engines_on_one_host(tiny_tp2, tiny_model_path):
-    """A second TP=2 engine beside the first: no port to collide on (each has its own file store),
-    both answer correctly while interleaved, and the second one's shutdown leaves the first working."""
+def test_two_engines_on_one_host(tiny_tp2, tiny_model_path, monkeypatch):
+    """A second TP=2 engine beside the first, both answer correctly while interleaved, and the second
+    one's shutdown leaves the first working. The first meets through a file store; the second through
+    the multi-node TCP store with port 0, which rank 0 binds and reports (no port race)."""
+    monkeypatch.setenv("PAGED_ENGINE_DIST_PORT", "0")
     other = LLM(str(tiny_model_path), tensor_parallel_size=2, num_gpu_blocks_override=64)
+    monkeypatch.delenv("PAGED_ENGINE_DIST_PORT")
     try:
+        assert other.llm_engine.executor._store_path is None and tiny_tp2.llm_engine.executor._store_path
         assert {w.pid for w in other.llm_engine.executor.workers}.isdisjoint(
             {w.pid for w in tiny_tp2.llm_engine.executor.workers}
         )
