@@ -221,8 +221,26 @@ def test_two_engines_on_one_host(tiny_tp2, tiny_model_path, monkeypatch):
         a = [o.outputs[0].token_ids for o in tiny_tp2.generate(PROMPTS, params, use_tqdm=False)]
         b = [o.outputs[0].token_ids for o in other.generate(PROMPTS, params, use_tqdm=False)]
         assert a == b
+        # a worker of the idle second engine dies: its health check says so within seconds, without a step
+        executor = other.llm_engine.executor
+        executor.check_health()
+        os.kill(executor.workers[1].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                executor.check_health()
+            except EngineDeadError as e:
+                assert "rank 1" in str(e) and "died" in str(e), e
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("a worker that died while idle was not noticed within 10 s")
+        with pytest.raises(EngineDeadError):
+            other.generate("x", params, use_tqdm=False)
     finally:
+        t0 = time.monotonic()
         other.shutdown()
+        assert time.monotonic() - t0 < 30
     again = [o.outputs[0].token_ids for o in tiny_tp2.generate(PROMPTS, params, use_tqdm=False)]
     assert again == a
 

@@ -267,6 +267,7 @@ class AsyncLLMEngine:
             raise self._dead
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("the engine loop is not running")
+        self.engine.executor.check_health()  # Ray: a worker that died while idle (no call into workers)
 
     def _push(self, cmd: _Add | _Abort) -> None:
         with self._cv:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -65,7 +66,8 @@ class RayExecutor(Executor):
 
         device = self.config.device.type
         self.placement_group = create_placement_group(ray, self.tp_size, device)
-        actor_cls = ray.remote(RayWorkerWrapper)
+        # "monitor": a second thread per actor for wait_forever; model calls stay one at a time
+        actor_cls = ray.remote(concurrency_groups={"monitor": 1})(RayWorkerWrapper)
         for rank in range(self.tp_size):
             strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
             opts = {"num_cpus": 0, "num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
@@ -83,6 +85,7 @@ class RayExecutor(Executor):
             self.tp_size, ", ".join(f"rank {w.rank} pid {w.pid} @ {w.ip}" for w in self.workers), init_method,
         )
         ranks = [w.rank for w in self.workers]
+        self._start_monitor()
         self._gather(
             [a.init_worker.remote(self.config, w.rank, init_method, w.ip) for a, w in zip(self.actors, self.workers)],
             startup_timeout_s(), "start",
@@ -92,6 +95,31 @@ class RayExecutor(Executor):
         self._gather(
             [a.set_init_method.remote(init_method) for a in self.actors[1:]], startup_timeout_s(), "start", ranks=ranks[1:]
         )
+
+    def _start_monitor(self) -> None:
+        """A daemon thread that marks the executor dead as soon as any actor dies, even while idle,
+        so check_health (and /health) reports it without waiting for the next step."""
+        refs = [a.wait_forever.options(concurrency_group="monitor").remote() for a in self.actors]
+
+        def watch() -> None:
+            ray = self.ray
+            pending = list(refs)
+            while pending and not self._closed and self._dead is None:
+                try:
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                except Exception:  # noqa: BLE001 - Ray shut down under us
+                    return
+                for ref in ready:
+                    if self._closed:
+                        return
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001
+                        if self._dead is None and not self._closed:
+                            self._failure("monitoring", e, [refs.index(ref)])
+                    return
+
+        threading.Thread(target=watch, name="ray-worker-monitor", daemon=True).start()
 
     def _init_method(self) -> str:
         """A file store when every rank is on one host (no port, nothing listening); otherwise a TCP
@@ -168,7 +196,12 @@ class RayExecutor(Executor):
         return self._gather(refs, step_timeout_s(), "execute_model")[0]
 
     def check_health(self) -> None:
-        self.collective_rpc("check_health", timeout=10.0)
+        """Cheap (no call into the workers, which may be busy with a step): raises EngineDeadError
+        once a worker has died or failed, as the monitor thread or a step found."""
+        if self._dead is not None:
+            raise self._dead
+        if self._closed:
+            raise EngineDeadError("the engine was shut down")
 
     def weight_bytes(self) -> list[int]:
         """Parameter bytes each rank holds, in rank order."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,11 @@ class RayWorkerWrapper:
 
     def set_init_method(self, init_method: str) -> None:
         self.worker.distributed_init_method = init_method
+
+    def wait_forever(self) -> None:
+        """Called once in the "monitor" concurrency group: its result only ever arrives as the error
+        Ray reports when this actor dies, which is how the driver notices deaths between steps."""
+        threading.Event().wait()
 
     def execute_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.worker, method)(*args, **kwargs)
