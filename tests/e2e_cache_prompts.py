@@ -13,8 +13,6 @@ QUESTIONS = [
     "How many books may a member borrow?",
     "When does it close?",
     "Should you invent titles?",
-    "Describe your answers.",
-    "Who are you?",
 ]
 MAX_TOKENS = 16
 
