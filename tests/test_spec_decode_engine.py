@@ -268,3 +268,21 @@ def test_sampled_law_test_rejects_a_wrong_rule(tiny_model_path, law_prompt, monk
     llm = LLM(str(tiny_model_path), num_gpu_blocks_override=512, speculative_config=NGRAM)
     counts = _sample_counts(llm, law_prompt)
     assert _pvalue(counts, law) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_n_samples_seeded_reproducible(tiny_model_path, draft_path, prompts, method):
+    """n > 1 samples share their prompt's blocks (the draft must not write into a shared block
+    past the shared prompt); seeded sampling with speculation is reproducible run to run."""
+    spec = _spec_configs(draft_path)[method]
+    params = SamplingParams(n=3, temperature=0.8, top_k=5, max_tokens=12, ignore_eos=True, seed=11)
+
+    def run():
+        llm = LLM(str(tiny_model_path), num_gpu_blocks_override=128, speculative_config=spec)
+        outs = _gen(llm, prompts[4:6], params)
+        _assert_free(llm)
+        return [[c.token_ids for c in o.outputs] for o in outs], llm.get_stats()
+
+    (a, stats), (b, _) = run(), run()
+    assert a == b and all(len(t) == 12 for o in a for t in o)
+    assert stats["scheduler_num_forked_samples"] > 0 and stats["spec_num_accepted_tokens"] > 0, stats
