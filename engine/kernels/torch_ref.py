@@ -122,10 +122,30 @@ def rms_norm(
     if residual is not None:
         x = x + residual
         residual = x
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # aten's fused rms_norm: one pass, the same fp32 arithmetic as x * rsqrt(mean(x^2) + eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
     normed = weight * normed.to(x.dtype)
     return normed if residual is None else (normed, residual)
+
+
+def rotary_cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token factors for :func:`apply_rotary_`: ``cos`` repeated over both halves and ``sin`` with
+    the first half negated, each ``[T, 1, D]``. Computed once per step, shared by every layer."""
+    half = cos_sin_cache.shape[1] // 2
+    cs = cos_sin_cache.index_select(0, positions.long())
+    cos, sin = cs[:, :half], cs[:, half:]
+    return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x`` [T, H, D] in place in the rotate-half layout:
+    ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = (-x2, x1), the sign folded into ``sin``."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), -1).float()
+    if x.dtype == torch.float32:
+        return x.mul_(cos).addcmul_(swapped, sin)
+    x.copy_((x.float() * cos).addcmul_(swapped, sin))
+    return x
 
 
 def rotary_embedding(
@@ -135,14 +155,5 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,  # [max_pos, D]: cos in the first D/2 columns, sin in the rest
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Applies rotary embedding in the rotate-half (GPT-NeoX / Hugging Face Llama) layout, in place."""
-    half = cos_sin_cache.shape[1] // 2
-    cs = cos_sin_cache.index_select(0, positions.long())
-    cos = cs[:, None, :half]
-    sin = cs[:, None, half:]
-    for x in (query, key):
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        r1 = x1 * cos - x2 * sin
-        r2 = x2 * cos + x1 * sin
-        x[..., :half] = r1.to(x.dtype)
-        x[..., half:] = r2.to(x.dtype)
-    return query, key
+    cos, sin = rotary_cos_sin(positions, cos_sin_cache)
+    return apply_rotary_(query, cos, sin), apply_rotary_(key, cos, sin)

@@ -49,6 +49,9 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.
 
 
 class RotaryEmbedding(nn.Module):
+    """One instance is shared by all layers of a model: ``prepare(positions)`` runs once per forward
+    pass (the per-token cos/sin lookup), then every layer's ``forward`` rotates its q and k in place."""
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
         inv, attn_factor = _inv_freq(head_dim, theta, scaling)
@@ -56,11 +59,20 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv)
         cache = torch.cat([freqs.cos() * attn_factor, freqs.sin() * attn_factor], dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query [T, H, D] and key [T, KVH, D] are rotated in place."""
+    def prepare(self, positions: torch.Tensor) -> None:
+        self._positions = positions
+        self._cos_sin = None if positions.is_cuda else torch_ref.rotary_cos_sin(positions, self.cos_sin_cache)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [T, H, D] and key [T, KVH, D] are rotated in place for the prepared positions."""
+        if self._positions is None:
+            raise RuntimeError("RotaryEmbedding.prepare(positions) must run before the layers")
         if query.is_cuda:
             from engine.kernels.rotary import rotary_embedding
-        else:
-            rotary_embedding = torch_ref.rotary_embedding
-        return rotary_embedding(positions, query, key, self.cos_sin_cache)
+
+            return rotary_embedding(self._positions, query, key, self.cos_sin_cache)
+        cos, sin = self._cos_sin
+        return torch_ref.apply_rotary_(query, cos, sin), torch_ref.apply_rotary_(key, cos, sin)

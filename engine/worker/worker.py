@@ -13,6 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed.parallel_state import create_store, destroy_distributed, init_distributed, set_tp_group
 from engine.scheduler.output import SchedulerOutput
+from engine.worker.cpu_runtime import configure_cpu_runtime
 from engine.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Worker:
     def init_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            configure_cpu_runtime()
         if self.tp_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             store = getattr(self, "_store", None) or create_store(self.distributed_init_method, self.rank, self.tp_size)

@@ -1,15 +1,100 @@
-"""The CPU attention backend: batched decode over gathered blocks, one SDPA call per prefill."""
+"""The CPU attention backend: batched decode over gathered blocks, one SDPA call per prefill.
+
+Decode requests are planned once per step (``prepare``): grouped by context length so that padding
+to the longest context of a group wastes at most half of what is gathered, with their block ids
+flattened. Every layer then gathers each group's K/V blocks into a workspace that lives as long as
+the backend: a fresh multi-MB tensor per layer would cost more in page faults than the copy itself.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from engine.attention.backends.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels import torch_ref
 
 
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor | None  # decode rows of this group; None = all decode rows, in order
+    num_rows: int
+    block_ids: torch.Tensor  # [num_rows * num_blocks] int64, row-major
+    num_blocks: int
+    length: int  # keys attended per row (padded to the group's longest context)
+    mask: torch.Tensor | None  # [num_rows, 1, 1, length] bool; None when nothing is padded
+
+
+def plan_decode_groups(meta: AttentionMetadata, max_waste: float = 0.5) -> list[DecodeGroup]:
+    """Splits the step's decode requests into groups of similar context length."""
+    nd = meta.num_decodes
+    if nd == 0:
+        return []
+    bs = meta.block_size
+    lens = meta.seq_lens_host[:nd]
+    order = sorted(range(nd), key=lambda i: -lens[i])
+    spans: list[list[int]] = [[order[0]]]
+    for i in order[1:]:
+        if lens[i] < (1 - max_waste) * lens[spans[-1][0]]:
+            spans.append([])
+        spans[-1].append(i)
+    tables = meta.block_tables
+    groups = []
+    for rows in spans:
+        longest = lens[rows[0]]
+        nblocks = -(-longest // bs)
+        in_order = len(spans) == 1 and rows == sorted(rows)
+        rows_t = None if in_order else torch.tensor(rows, dtype=torch.int64, device=tables.device)
+        sub = tables[:nd] if rows_t is None else tables.index_select(0, rows_t)
+        row_lens = [lens[i] for i in rows]
+        if all(n == longest for n in row_lens):
+            length, mask = longest, None  # no padding: attend over exactly the context
+        else:
+            length = nblocks * bs
+            lens_t = torch.tensor(row_lens, device=tables.device)
+            mask = (torch.arange(length, device=tables.device)[None, :] < lens_t[:, None])[:, None, None, :]
+        groups.append(DecodeGroup(rows_t, len(rows), sub[:, :nblocks].reshape(-1).long(), nblocks, length, mask))
+    return groups
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self) -> None:
+        self._planned_for: AttentionMetadata | None = None  # held, so its id cannot be reused
+        self._groups: list[DecodeGroup] = []
+        self._workspace: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _buffers(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(cache.shape[1:]), cache.dtype, cache.device)
+        ws = self._workspace.get(key)
+        if ws is None or ws[0].shape[0] < num_blocks:
+            n = max(num_blocks, 2 * ws[0].shape[0] if ws is not None else 0)
+            ws = (cache.new_empty((n, *cache.shape[1:])), cache.new_empty((n, *cache.shape[1:])))
+            self._workspace[key] = ws
+        return ws[0][:num_blocks], ws[1][:num_blocks]
+
+    def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                out: torch.Tensor) -> None:
+        _, bs, kvh, d = k_cache.shape
+        group = query.shape[1] // kvh
+        for g in self._groups:
+            k_buf, v_buf = self._buffers(k_cache, g.block_ids.numel())
+            torch.index_select(k_cache, 0, g.block_ids, out=k_buf)
+            torch.index_select(v_cache, 0, g.block_ids, out=v_buf)
+            k = k_buf.view(g.num_rows, g.num_blocks * bs, kvh, d)[:, : g.length].transpose(1, 2)
+            v = v_buf.view(g.num_rows, g.num_blocks * bs, kvh, d)[:, : g.length].transpose(1, 2)
+            q = query if g.rows is None else query.index_select(0, g.rows)
+            # GQA: the `group` query heads of one KV head become `group` query rows of that head
+            o = F.scaled_dot_product_attention(q.view(g.num_rows, kvh, group, d).to(k.dtype), k, v,
+                                               attn_mask=g.mask, scale=scale)
+            o = o.reshape(g.num_rows, -1, d).to(out.dtype)
+            if g.rows is None:
+                out.copy_(o)
+            else:
+                out.index_copy_(0, g.rows, o)
 
     def forward(
         self,
@@ -22,16 +107,14 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         torch_ref.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-        nd = meta.num_decodes
-        if nd == meta.num_requests:
-            return torch_ref.paged_decode_attention(
-                query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_decode_seq_len
-            )
         out = torch.empty_like(query)
+        nd = meta.num_decodes
+        if meta is not self._planned_for:  # first layer of a step
+            self._planned_for, self._groups = meta, plan_decode_groups(meta)
         if nd:
-            out[:nd] = torch_ref.paged_decode_attention(
-                query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, meta.max_decode_seq_len
-            )
+            self._decode(query[:nd], k_cache, v_cache, scale, out[:nd])
+        if nd == meta.num_requests:
+            return out
         qsl = meta.query_start_loc_host[nd:]
         base = qsl[0]
         out[base:] = torch_ref.paged_prefill_attention(
