@@ -102,6 +102,7 @@ class EngineConfig:
     seed: int = 0
     tokenizer: str | None = None
     speculative_config: Any = None  # engine.spec_decode.config.SpeculativeConfig once built
+    enforce_eager: bool = False  # no CUDA graphs (they are only ever used on CUDA)
 
 
 def default_device() -> torch.device:
@@ -166,6 +167,7 @@ class EngineArgs:
     quantization: str | None = None
     device: str | None = None
     speculative_config: dict | None = None
+    enforce_eager: bool = False
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -256,6 +258,7 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=self.tokenizer,
             speculative_config=_speculative_config(self.speculative_config, hf_config),
+            enforce_eager=self.enforce_eager,
         )
 
 

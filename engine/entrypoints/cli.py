@@ -33,6 +33,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])
     g.add_argument("--quantization", default=None, choices=["int8"])
     g.add_argument("--device", default=None)
+    g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs (they are GPU-only anyway)")
     g.add_argument(
         "--speculative-config", type=_json_dict, default=None,
         help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '

@@ -40,6 +40,7 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.attn_backend = None
+        self.graph_runner = None  # engine/worker/cuda_graph.py, on CUDA unless enforce_eager
 
     # ---- set-up ----------------------------------------------------------------------------
     def load_model(self, show_progress: bool = True) -> None:
@@ -68,6 +69,65 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
             attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
             self.kv_caches.append((k, v))
+        self._maybe_capture_graphs()
+
+    def _maybe_capture_graphs(self) -> None:
+        cfg = self.config
+        if self.device.type != "cuda" or cfg.enforce_eager:
+            return
+        if cfg.parallel.tensor_parallel_size > 1 or getattr(self.attn_backend, "name", "") != "triton":
+            logger.info("CUDA graphs are used with one rank and the triton backend only; running eagerly")
+            return
+        from engine.worker.cuda_graph import CUDAGraphRunner
+
+        self.graph_runner = CUDAGraphRunner(self.model, cfg.scheduler.max_num_seqs, self.model_config.max_model_len,
+                                            self.block_size, self.device)
+        self.graph_runner.capture()
+
+    @torch.inference_mode()
+    def run_dummy_prefill(self, num_tokens: int, num_logits: int) -> None:
+        """One prefill of ``num_tokens`` tokens on a scratch KV cache, then logits for ``num_logits``
+        rows: the largest step the scheduler can send. Used to measure peak activation memory."""
+        bs = self.block_size
+        nblocks = -(-num_tokens // bs)
+        layers = self.attention_layers()
+        saved = [(a.k_cache, a.v_cache, a.backend) for a in layers]
+        for a in layers:
+            shape = (nblocks, bs, a.num_kv_heads, a.head_dim)
+            a.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            a.v_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            a.backend = self.attn_backend
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=dev),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(nblocks, dtype=torch.int32, device=dev)[None],
+            num_decodes=0, max_query_len=num_tokens, max_seq_len=num_tokens, max_decode_seq_len=0,
+            block_size=bs, query_start_loc_host=[0, num_tokens], seq_lens_host=[num_tokens],
+        )
+        set_attention_metadata(meta)
+        try:
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), torch.arange(num_tokens, device=dev))
+            self.model.compute_logits(hidden[-num_logits:])
+        finally:
+            set_attention_metadata(None)
+            for a, (k, v, b) in zip(layers, saved):
+                a.k_cache, a.v_cache, a.backend = k, v, b
+
+    def profile_peak_memory(self) -> int:
+        """Bytes of GPU memory the largest step needs beyond weights and KV cache (measured)."""
+        sc = self.config.scheduler
+        num_tokens = min(sc.max_num_batched_tokens, self.model_config.max_model_len)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.run_dummy_prefill(num_tokens, min(num_tokens, sc.max_num_seqs))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return max(peak, 0)
 
     def init_swap_space(self, num_host_blocks: int) -> None:
         """Host copies of every layer's K/V cache, same block layout, for preemption by swap."""
@@ -166,6 +226,19 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev)
         return ids, positions.to(dev), meta, logits_indices.to(dev)
 
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 so: SchedulerOutput) -> torch.Tensor:
+        """Hidden states of every scheduled token: a captured graph for pure-decode steps, else eager."""
+        gr = self.graph_runner
+        if (gr is not None and meta.num_decodes == meta.num_requests and not so.spec_token_ids
+                and gr.bucket(meta.num_requests) is not None):
+            return gr.run(input_ids, positions, meta)
+        set_attention_metadata(meta)
+        try:
+            return self.model(input_ids, positions)
+        finally:
+            set_attention_metadata(None)
+
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
@@ -173,11 +246,7 @@ class ModelRunner:
         if so.is_empty:
             return ModelRunnerOutput([], [])
         input_ids, positions, meta, logits_indices = self._prepare(so)
-        set_attention_metadata(meta)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            set_attention_metadata(None)
+        hidden = self._forward(input_ids, positions, meta, so)
         prompt_lps = {}
         if any(self.requests[r].sampling_params.prompt_logprobs is not None for r in so.req_ids):
             prompt_lps = compute_prompt_logprobs(

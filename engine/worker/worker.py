@@ -67,9 +67,13 @@ class Worker:
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
+            # the largest step is run once to measure its activations; what it needs stays free
+            peak = self.runner.profile_peak_memory()
             free, total = torch.cuda.mem_get_info(self.device)
-            used_elsewhere = total - free
-            budget = int(total * cache.gpu_memory_utilization) - used_elsewhere - (512 << 20)
+            used = total - free  # weights, the CUDA context and other processes
+            budget = int(total * cache.gpu_memory_utilization) - used - peak
+            logger.info("GPU memory: %.2f GiB total, %.2f GiB in use, %.2f GiB peak activations; KV budget %.2f GiB",
+                        total / 2**30, used / 2**30, peak / 2**30, max(budget, 0) / 2**30)
         else:
             budget = int(os.environ.get("PAGED_ENGINE_CPU_KV_BYTES", DEFAULT_CPU_KV_BYTES))
         return max(budget // per_block, 0)
