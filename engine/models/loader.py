@@ -73,7 +73,33 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
         raise ModelNotFoundError(f"the checkpoint in {path} lacks weights for: {', '.join(missing[:8])}")
 
 
+def use_column_major_weights(model: nn.Module) -> int:
+    """Stores every matmul weight ``[out, in]`` column-major (same shape, transposed strides).
+
+    ``F.linear(x, w)`` multiplies by ``w.T``; with column-major storage ``w.T`` is a contiguous
+    ``[in, out]`` matrix, the layout CPU GEMM kernels stream fastest at small batch: a decode step
+    at batch 1 runs its weights at the machine's read bandwidth instead of about 75% of it, and the
+    LM head alone drops from ~6 to ~2.5 ms (docs/performance.md). A tied embedding shares the LM
+    head's storage; its row lookups get slower, which costs under 1% of a 2,048-token prefill.
+    Returns the number of tensors converted."""
+    from engine.layers.embedding import ParallelLMHead
+    from engine.layers.linear import LinearBase
+
+    done: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, (LinearBase, ParallelLMHead)):
+            continue
+        w = module.weight
+        if w.dim() != 2 or id(w) in done or not w.is_floating_point():
+            continue
+        done.add(id(w))
+        w.data = w.data.t().contiguous().t()
+    return len(done)
+
+
 def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True) -> nn.Module:
     model = build_model(hf_config, dtype, device)
     load_weights(model, path, show_progress)
+    if device.type == "cpu":
+        use_column_major_weights(model)
     return model
