@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.head_layout import tp_head_layout
+from engine.layers.checkpoint import materialize
 from engine.distributed.parallel_state import get_tp_group
 
 
@@ -33,7 +34,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(materialize(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -115,7 +116,10 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: added once, on rank 0
-            param.data.copy_(loaded if self.tp_rank == 0 else torch.zeros_like(loaded))
+            if self.tp_rank == 0:
+                param.data.copy_(materialize(loaded))
+            else:
+                param.data.zero_()
             return
         if self.input_heads is not None:
             copy_heads(param.data, loaded, 1, 0, self.input_heads, self.head_dim)

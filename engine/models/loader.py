@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.errors import ModelNotFoundError
+from engine.layers.checkpoint import CheckpointSlice
 from engine.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,12 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
             if param is None:
                 logger.warning("checkpoint tensor %s has no matching parameter; ignored", name)
                 continue
-            tensor = handle.get_tensor(name).to(param.dtype)
             loader = getattr(param, "weight_loader", None)
             if loader is None:
-                param.data.copy_(tensor)
-            elif shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
+                param.data.copy_(handle.get_tensor(name).to(param.dtype))
+            else:  # the loader reads only the slice this rank keeps
+                tensor = CheckpointSlice(handle.get_slice(name), param.dtype)
+                loader(param, tensor) if shard is None else loader(param, tensor, shard)
             loaded.add(target)
     bar.close()
     missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
