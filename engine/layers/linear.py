@@ -6,11 +6,11 @@ slice of a checkpoint tensor into it, so no rank ever holds the full matrix.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.head_layout import tp_head_layout
 from engine.layers.checkpoint import materialize
+from engine.layers.quantization import LinearMethod, UnquantizedLinearMethod
 from engine.distributed.parallel_state import get_tp_group
 
 
@@ -32,12 +32,13 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.linear_method: LinearMethod = UnquantizedLinearMethod()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(materialize(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear_method.apply(self, x)
 
 
 class ReplicatedLinear(LinearBase):
@@ -128,8 +129,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return get_tp_group().all_reduce(y)
+        return get_tp_group().all_reduce(self.linear_method.apply(self, x))
 
 
 def copy_heads(

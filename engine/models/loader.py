@@ -96,9 +96,28 @@ def use_column_major_weights(model: nn.Module) -> int:
     return len(done)
 
 
-def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, quantization: str | None) -> int:
+    """Switches every linear layer to the quantization method and converts its loaded weights.
+    Returns the number of layers converted."""
+    from engine.layers.linear import LinearBase
+    from engine.layers.quantization import get_linear_method
+
+    method = get_linear_method(quantization)
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and not any(name.endswith(s) for s in method.keep_full_precision):
+            module.linear_method = get_linear_method(quantization)
+            module.linear_method.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True,
+               quantization: str | None = None) -> nn.Module:
     model = build_model(hf_config, dtype, device)
     load_weights(model, path, show_progress)
+    if quantization is not None:
+        quantize_model(model, quantization)
     if device.type == "cpu":
         use_column_major_weights(model)
     return model

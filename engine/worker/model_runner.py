@@ -45,7 +45,7 @@ class ModelRunner:
     # ---- set-up ----------------------------------------------------------------------------
     def load_model(self, show_progress: bool = True) -> None:
         mc = self.model_config
-        self.model = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress)
+        self.model = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization)
         from engine.attention.backends.selector import get_attention_backend
 
         self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
