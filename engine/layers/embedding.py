@@ -6,10 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel_state import get_tp_group
+from engine.layers.quantization import LinearMethod, UnquantizedLinearMethod
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rank r holds rows [r * V/tp, (r + 1) * V/tp) of the (padded) vocabulary."""
+    """Rank r holds rows [r * V/tp, (r + 1) * V/tp) of the (padded) vocabulary.
+
+    With an int8 weight (a tied LM head quantized by ``quantization="int8"``) a lookup reads the
+    int8 rows times their per-row scale."""
 
     def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__()
@@ -20,26 +24,38 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.weight_scale: torch.Tensor | None = None
+        self.out_dtype = self.weight.dtype
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         part = loaded[self.start : self.start + self.shard_size]
         param.data.zero_()
         param.data[: part.shape[0]].copy_(part)
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight)
+        if self.weight_scale is None:
+            return rows
+        return rows.to(self.out_dtype) * self.weight_scale[ids].unsqueeze(-1).to(self.out_dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.start
         mask = (local >= 0) & (local < self.shard_size)
-        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mask.unsqueeze(-1)
+        out = self._lookup(local.clamp(0, self.shard_size - 1)) * mask.unsqueeze(-1)
         return get_tp_group().all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Computes logits for the given hidden states only; shards are gathered on every rank."""
 
+    def __init__(self, vocab_size: int, hidden: int) -> None:
+        super().__init__(vocab_size, hidden)
+        self.linear_method: LinearMethod = UnquantizedLinearMethod()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = self.linear_method.apply(self, hidden)
         if self.tp_size > 1:
             logits = get_tp_group().all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size]

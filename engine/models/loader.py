@@ -97,18 +97,24 @@ def use_column_major_weights(model: nn.Module) -> int:
 
 
 def quantize_model(model: nn.Module, quantization: str | None) -> int:
-    """Switches every linear layer to the quantization method and converts its loaded weights.
-    Returns the number of layers converted."""
-    from engine.layers.linear import LinearBase
-    from engine.layers.quantization import get_linear_method
+    """Gives each matmul layer the method ``quantization`` assigns it and converts its loaded
+    weights (the full-precision copies are freed). A tied input embedding is re-pointed at the
+    converted LM head weight. Returns the number of layers converted."""
+    from engine.layers.embedding import VocabParallelEmbedding
+    from engine.layers.quantization import method_for
 
-    method = get_linear_method(quantization)
     count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, LinearBase) and not any(name.endswith(s) for s in method.keep_full_precision):
-            module.linear_method = get_linear_method(quantization)
-            module.linear_method.process_weights_after_loading(module)
-            count += 1
+    for name, module in list(model.named_modules()):
+        method = method_for(quantization, name, module)
+        if method is None:
+            continue
+        old = module.weight
+        module.linear_method = method
+        method.process_weights_after_loading(module)
+        count += 1
+        for other in model.modules():  # tied embeddings share the LM head's weight
+            if other is not module and isinstance(other, VocabParallelEmbedding) and other.weight is old:
+                other.weight, other.weight_scale = module.weight, module.weight_scale
     return count
 
 

@@ -12,8 +12,6 @@ class LinearMethod(ABC):
     """Owns a layer's weight format: converts it once after loading, then computes ``x @ W.T + b``."""
 
     name: str = "base"
-    # module names (suffixes) this method leaves in full precision
-    keep_full_precision: tuple[str, ...] = ()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Called once every checkpoint tensor is in place (this rank's shard, in the model dtype)."""
@@ -26,4 +24,4 @@ class UnquantizedLinearMethod(LinearMethod):
     name = "none"
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return F.linear(x, layer.weight, getattr(layer, "bias", None))

@@ -1,103 +1,151 @@
-"""int8 weights with per-output-channel scales, multiplied as int8 x int8 -> int32.
+"""int8 weights with per-output-channel scales (``quantization="int8"``).
 
-Weights are quantized symmetrically per output channel at load time (``scale = max|row| / 127``),
-so a linear layer keeps a quarter of its fp32 bytes. At run time each token's activations are
-quantized the same way (per row, ``max|x| / 127``) and ``torch._int_mm`` computes the exact int32
-products, scaled back by ``x_scale * w_scale``.
+Weights are quantized symmetrically per output channel after loading (``scale = max|row| / 127``,
+fp32 scales) and the fp32 copy is freed: an int8 layer keeps about a quarter of its bytes.
 
-Activations are quantized too (W8A8 with dynamic per-token scales, the scheme of vLLM's CPU int8
-path), because that is what makes int8 fast on a CPU: a weight-only int8 matmul has to widen every
-weight to float before multiplying (torch's ``_weight_int8pack_mm`` is slower than fp32 here),
-while the integer matmul runs on VNNI / AMX-INT8 units. Because the integer products are exact and
-every row has its own scale, a row's result does not depend on the other rows of the batch: batch
-composition cannot change a request's output. On CPU the products run through oneDNN's prepacked
-u8 x s8 kernel (1.7x fp32 at batch 1, 4-8x at batch 64-512 on an AMX machine); elsewhere through
-``torch._int_mm``; both compute the same integers.
+Linear layers (:class:`Int8LinearMethod`) also quantize their *activations* at run time, per token
+and per group of 64 input channels (W8A8 with dynamic scales) instead of being weight-only: on a
+CPU only an integer matmul makes int8 pay at every batch size (a weight-only int8 matmul widens
+every weight to float first: torch's ``_weight_int8pack_mm`` is slower than fp32 here, and our own
+weight-only loop is 2x slower than fp32 from batch 64 on). Each group's int32 sum is exact and is
+scaled by its own activation scale, so a row's output never depends on the other rows of the
+batch. Groups rather than one scale per token because SmolLM2's activations have outlier channels:
+one scale per token moved logprobs 2.4x as much (docs/performance.md).
+
+On CPU the whole layer is one call of the C kernel in int8_cpu.c at every batch size; without it
+(no C compiler) and on GPU the same numbers come from one ``torch._int_mm`` per group.
+
+The LM head (:class:`Int8WeightOnlyMethod`) is weight-only: int8 activations there cost accuracy
+and the head is a single matmul.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.quantization import cpu_kernels
 from engine.layers.quantization.base import LinearMethod
 
-_EPS = 1e-12  # an all-zero row gets this scale instead of 0 (no division by zero)
-
-
-def quantize_rows_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit per row, stored shifted by 128: ``x ~= (u - 128) * scale[:, None]``.
-    Returns (u uint8 in [1, 255], scale fp32 [rows]). Six dispatches: this runs before every matmul."""
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_min_(_EPS)
-    inv = 127.0 / amax
-    u = torch.addcmul(_SHIFT, x, inv).round_().to(torch.uint8)
-    return u, inv.reciprocal_().squeeze(-1)
+EPS = 1e-12  # an all-zero row or group gets this amax instead of 0: scale > 0, no 0/0
+GROUP = 64  # input channels per activation scale
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``x ~= q * scale[:, None]``; returns (q int8, scale fp32 [rows]).
-    The same integers as :func:`quantize_rows_u8`, minus 128."""
-    u, scale = quantize_rows_u8(x)
-    return (u.to(torch.int16) - 128).to(torch.int8), scale
+    """Symmetric int8 per row: ``x ~= q * scale[:, None]``; returns (q int8, scale fp32 [rows])."""
+    q, scale = quantize_groups(x, x.shape[-1])
+    return q, scale.squeeze(-1)
 
 
-_SHIFT = torch.tensor(128.0)
+def quantize_groups(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row and group of ``group`` columns (the last group may be shorter):
+    returns (q int8 like x, scale fp32 [rows, groups]).
+
+    ``q = round_half_even(x * (127 / amax))``, ``scale = amax / 127``: the operations of
+    ``q8_quantize`` in int8_cpu.c, so both give the same bits."""
+    x = x.float()
+    k = x.shape[-1]
+    ng = -(-k // group)
+    padded = F.pad(x, (0, ng * group - k)).view(*x.shape[:-1], ng, group)
+    amax = padded.abs().amax(dim=-1, keepdim=True).clamp_min_(EPS)
+    # tensor / tensor: ``127.0 / amax`` would be computed as ``reciprocal(amax) * 127`` (another
+    # rounding, which moves some x * inv off or onto a .5 tie), and ``amax / 127.0`` as a multiply
+    c127 = torch.full_like(amax, 127.0)
+    q = (padded * (c127 / amax)).round_().to(torch.int8).view(*x.shape[:-1], ng * group)[..., :k]
+    return q.contiguous(), (amax / c127).squeeze(-1)
 
 
-def _onednn_available() -> bool:
-    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()
+def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                group: int = GROUP) -> torch.Tensor:
+    """``x @ dequant(w_q).T (+ bias)`` with int8 activations per row and group, one
+    ``torch._int_mm`` per group: the C kernel's numbers (the same exact group sums, then
+    ``sum_g (acc_g * x_scale_g)`` in group order, ``* w_scale``, ``+ bias``).
 
-
-def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference and GPU path: ``x @ dequant(w_q).T (+ bias)`` with x [M, K] float, w_q [N, K] int8,
-    w_scale [N] fp32 (per output channel); returns x's dtype."""
+    x [..., K] float, w_q [N, K] int8, w_scale [N] fp32; returns x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    m = x2.shape[0]
-    x_q, x_scale = quantize_rows(x2)
-    if x_q.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs more than 16 rows
-        x_q = torch.cat([x_q, x_q.new_zeros((17 - m, x_q.shape[1]))])
-    y = torch._int_mm(x_q, w_q.t())[:m] * w_scale
-    y.mul_(x_scale[:, None])
+    m, (n, k) = x2.shape[0], w_q.shape
+    x_q, x_scale = quantize_groups(x2, group)
+    y = None
+    for g, start in enumerate(range(0, k, group)):
+        xg, wg = x_q[:, start : start + group].contiguous(), w_q[:, start : start + group]
+        t = _int_mm(xg, wg) * x_scale[:, g : g + 1]
+        y = t if y is None else y.add_(t)
+    y = y * w_scale
     if bias is not None:
         y += bias
-    return y.to(x.dtype).reshape(*shape[:-1], w_q.shape[0])
+    return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
-def onednn_int8_matmul(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """CPU path, the same integers as :func:`int8_matmul` through oneDNN's prepacked u8 x s8 GEMM:
-    the int8 activations are shifted to uint8 (zero point 128) and given scale 1, so the kernel
-    returns ``acc * w_scale`` and the per-row activation scale is applied after."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    x_u8, x_scale = quantize_rows_u8(x2)
-    y = torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
-                                           "none", [], "")
-    y.mul_(x_scale[:, None])
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [N, K].T int8 -> exact int32 [M, N]."""
+    m, k = a.shape
+    if a.is_cuda:
+        if k % 8 or b.shape[0] % 8:  # cuBLAS int8 GEMM shape rules: exact in fp32 instead (|acc| < 2^24)
+            return (a.float() @ b.float().t()).to(torch.int32)
+        if m <= 16:  # cuBLAS int8 GEMM needs more than 16 rows
+            return torch._int_mm(torch.cat([a, a.new_zeros((17 - m, k))]), b.t())[:m]
+    return torch._int_mm(a, b.t())
 
 
 class Int8LinearMethod(LinearMethod):
+    """W8A8: int8 weights per output channel, int8 activations per token and group of 64 channels,
+    exact int32 products. On CPU the weight is kept only in the C kernel's layout."""
+
     name = "int8"
-    # The input of the MLP's down projection (silu(gate) * up) has outlier channels: per-token int8
-    # there alone moved SmolLM2's perplexity from 28.7 to 29.5 (docs/performance.md).
-    keep_full_precision = ("mlp.down_proj",)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q, scale = quantize_rows(layer.weight.data)
-        q = q.contiguous()
-        layer.weight = nn.Parameter(q, requires_grad=False)  # [N, K] int8; the fp32 copy is freed
+        kernels = cpu_kernels.load() if q.device.type == "cpu" else None
+        layer.int8_kernels = kernels
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-        layer.int8_packed = None
-        if q.device.type == "cpu" and _onednn_available():
-            # oneDNN's blocked layout, packed once: the fast CPU kernel (the int8 [N, K] stays for
-            # inspection and the GPU path; it is a quarter of the fp32 bytes)
-            layer.int8_packed = torch.ops.onednn.qlinear_prepack(q, None)
-            layer.int8_zero = torch.zeros(q.shape[0], dtype=torch.int32)
+        if kernels is None:
+            layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K] int8; fp32 freed
+            return
+        bias = None if layer.bias is None else layer.bias.data
+        layer.int8_packed = kernels.pack(q, scale, bias, GROUP)
+        layer.weight = nn.Parameter(layer.int8_packed.packed, requires_grad=False)  # [N/16, K/4, 16, 4]
+        if layer.int8_packed.comp is not None:
+            layer.register_buffer("weight_comp", layer.int8_packed.comp, persistent=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if layer.int8_packed is not None:
-            return onednn_int8_matmul(x, layer.int8_packed, layer.weight_scale, layer.int8_zero, layer.bias)
+        kernels = layer.int8_kernels
+        if kernels is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = kernels.w8a8(x2 if x2.dtype == torch.float32 else x2.float(), layer.int8_packed)
+            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
         return int8_matmul(x, layer.weight, layer.weight_scale, layer.bias)
+
+
+class Int8WeightOnlyMethod(LinearMethod):
+    """int8 weights per output channel, float activations: for the LM head (and a tied embedding,
+    which then looks up int8 rows times their scale, see embedding.py).
+
+    On CPU with fp32 activations every batch size up to ``max_rows`` runs through the same C loop
+    (a row's logits do not depend on the batch); larger ones dequantize the weight a slab at a time
+    and use torch's fp32 GEMM, about 2x faster there than the C loop, whose sums may then differ from
+    it in the last bits, as any two GEMM kernels do."""
+
+    name = "int8-weight-only"
+    max_rows = 16
+    slab = 4096  # weight rows dequantized at a time on the large-batch path (9 MB of fp32 at K=576)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        q, scale = quantize_rows(layer.weight.data)
+        layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        layer.int8_kernels = cpu_kernels.load() if q.device.type == "cpu" else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(layer, "bias", None)
+        x2 = x.reshape(-1, x.shape[-1])
+        kernels = layer.int8_kernels
+        if kernels is not None and x2.dtype == torch.float32 and x2.shape[0] <= self.max_rows:
+            y = kernels.w8(x2, layer.weight, layer.weight_scale, bias)
+        else:
+            w, s = layer.weight, layer.weight_scale
+            y = torch.cat([F.linear(x2, w[i : i + self.slab].to(x2.dtype) * s[i : i + self.slab, None].to(x2.dtype))
+                           for i in range(0, w.shape[0], self.slab)], dim=-1)
+            if bias is not None:
+                y += bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,373 @@
+/* int8 matmuls for small batches on CPU (decode): one call does what takes torch ~10 dispatches.
+ *
+ * Built at first use by engine/layers/quantization/cpu_kernels.py with `-O3 -march=native
+ * -ffp-contract=off -fopenmp` and called through ctypes. Weights are int8 [N, K] row-major (the same
+ * tensor torch._int_mm multiplies for large batches), one fp32 scale per output row.
+ *
+ * q8_w8a8: y = x @ dequant(w).T (+ bias) with x quantized per row to int8 in the call. The integer
+ *   dot products are exact, and the float epilogue is ((float)acc * w_scale) * x_scale + bias in that
+ *   order, the same operations torch does after torch._int_mm: both paths give the same bits.
+ * q8_w8: weight-only (fp32 activations), for the LM head. Every output is computed by the same
+ *   sequence of operations whatever M is, so a row does not depend on the rest of the batch.
+ *
+ * Quantization of a row: amax = max|x| (at least 1e-12), inv = 127 / amax, q = round_half_even(x *
+ * inv), scale = amax / 127; the torch fallback (int8.py: quantize_rows) computes the same numbers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q8_ISA "avx512_vnni"
+#define Q8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define Q8_ISA "avx2"
+#define Q8_AVX2 1
+#else
+#define Q8_ISA "generic"
+#endif
+
+#define Q8_EPS 1e-12f
+#define NB 4   /* weight-only: output rows per tile */
+#define NBLK 2 /* W8A8: blocks of 16 output channels per tile */
+#define RB 4   /* batch rows per tile */
+
+/* Calls a tile function with R and NN as constants, so its loops unroll and the accumulators stay
+ * in registers; partial tiles (the last rows and columns) take the generic call. */
+#define DISPATCH(fn, a, lda, R, w, K, NN, acc)                  \
+    do {                                                        \
+        if ((NN) == NB) {                                       \
+            switch (R) {                                        \
+                case 1: fn(a, lda, 1, w, K, NB, acc); break;    \
+                case 2: fn(a, lda, 2, w, K, NB, acc); break;    \
+                case 3: fn(a, lda, 3, w, K, NB, acc); break;    \
+                default: fn(a, lda, 4, w, K, NB, acc); break;   \
+            }                                                   \
+        } else {                                                \
+            fn(a, lda, R, w, K, NN, acc);                       \
+        }                                                       \
+    } while (0)
+
+const char *q8_isa(void) { return Q8_ISA; }
+
+/* ---- activation quantization: per row, per group of G channels ------------------------------ */
+
+/* q [M, ldq] (ldq >= K; columns K..ldq-1 are set to 0), scale [M, ceil(K / G)] */
+void q8_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t G, int8_t *q, int64_t ldq, float *scale) {
+    const int64_t ng = (K + G - 1) / G;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * ldx;
+        int8_t *qr = q + m * ldq;
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+            float amax = 0.f;
+            for (int64_t k = k0; k < k1; k++) {
+                const float a = fabsf(xr[k]);
+                amax = a > amax ? a : amax;
+            }
+            amax = amax > Q8_EPS ? amax : Q8_EPS;
+            const float inv = 127.f / amax;
+            for (int64_t k = k0; k < k1; k++) qr[k] = (int8_t)nearbyintf(xr[k] * inv);
+            scale[m * ng + g] = amax / 127.f;
+        }
+        for (int64_t k = K; k < ldq; k++) qr[k] = 0;
+    }
+}
+
+/* ---- W8A8 tiles: R batch rows x NBLK blocks of 16 output channels ----------------------------
+ * Weights are packed [N/16][K/4][16][4]: one 64-byte vector holds 4 consecutive k of 16 outputs, so
+ * a broadcast of 4 activation bytes multiplies into 16 output lanes, and each group's exact int32
+ * sums come out as a vector (no horizontal sums). */
+
+#if Q8_VNNI
+typedef __m512i ivec;
+typedef __m512 fvec;
+/* u8 x s8 (vpdpbusd): activations shifted to u8 (q + 128); comp[g][n] = 128 * sum over group g of
+ * w[n, k] is subtracted from each group's sum. */
+static inline __attribute__((always_inline)) void w8a8_tile(
+    const uint8_t *u, int64_t ldu, const float *xs, int64_t ng, int R, const int8_t *wp, int64_t K4, int64_t G4,
+    const int32_t *comp, int64_t Np, int64_t n0, fvec out[RB][NBLK]) {
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NBLK; j++) out[r][j] = _mm512_setzero_ps();
+    for (int64_t g = 0, k0 = 0; k0 < K4; g++, k0 += G4) {
+        const int64_t k1 = k0 + G4 < K4 ? k0 + G4 : K4;
+        ivec acc[RB][NBLK];
+        for (int r = 0; r < RB; r++)
+            for (int j = 0; j < NBLK; j++) acc[r][j] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k++) {
+            ivec wv[NBLK];
+            for (int j = 0; j < NBLK; j++) wv[j] = _mm512_loadu_si512(wp + (j * K4 + k) * 64);
+            for (int r = 0; r < RB; r++) {
+                if (r >= R) break;
+                int32_t xb4;
+                memcpy(&xb4, u + r * ldu + 4 * k, 4);
+                const ivec xb = _mm512_set1_epi32(xb4);
+                for (int j = 0; j < NBLK; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], xb, wv[j]);
+            }
+        }
+        for (int j = 0; j < NBLK; j++) {
+            const ivec c = _mm512_loadu_si512(comp + g * Np + n0 + 16 * j);
+            for (int r = 0; r < RB; r++) {
+                if (r >= R) break;
+                const fvec f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], c)), _mm512_set1_ps(xs[r * ng + g]));
+                out[r][j] = _mm512_add_ps(out[r][j], f);
+            }
+        }
+    }
+}
+#elif Q8_AVX2
+/* s8 x s8 with the sign trick: maddubs(|w|, sign(x, w)) never saturates since |w|, |x| <= 127.
+ * A block of 16 outputs is two 256-bit halves. */
+static inline __attribute__((always_inline)) void w8a8_tile(
+    const int8_t *q, int64_t ldq, const float *xs, int64_t ng, int R, const int8_t *wp, int64_t K4, int64_t G4,
+    const int32_t *comp, int64_t Np, int64_t n0, __m256 out[RB][2 * NBLK]) {
+    (void)comp; (void)Np; (void)n0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < 2 * NBLK; j++) out[r][j] = _mm256_setzero_ps();
+    for (int64_t g = 0, k0 = 0; k0 < K4; g++, k0 += G4) {
+        const int64_t k1 = k0 + G4 < K4 ? k0 + G4 : K4;
+        __m256i acc[RB][2 * NBLK];
+        for (int r = 0; r < RB; r++)
+            for (int j = 0; j < 2 * NBLK; j++) acc[r][j] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k1; k++) {
+            __m256i wv[2 * NBLK], wa[2 * NBLK];
+            for (int j = 0; j < 2 * NBLK; j++) {
+                wv[j] = _mm256_loadu_si256((const __m256i *)(wp + ((j / 2) * K4 + k) * 64 + 32 * (j % 2)));
+                wa[j] = _mm256_abs_epi8(wv[j]);
+            }
+            for (int r = 0; r < RB; r++) {
+                if (r >= R) break;
+                int32_t xb4;
+                memcpy(&xb4, q + r * ldq + 4 * k, 4);
+                const __m256i xb = _mm256_set1_epi32(xb4);
+                for (int j = 0; j < 2 * NBLK; j++) {
+                    const __m256i p = _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xb, wv[j]));
+                    acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for (int r = 0; r < RB; r++) {
+            if (r >= R) break;
+            const __m256 s = _mm256_set1_ps(xs[r * ng + g]);
+            for (int j = 0; j < 2 * NBLK; j++)
+                out[r][j] = _mm256_add_ps(out[r][j], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][j]), s));
+        }
+    }
+}
+#else
+static inline void w8a8_tile(const int8_t *q, int64_t ldq, const float *xs, int64_t ng, int R, const int8_t *wp,
+                             int64_t K4, int64_t G4, const int32_t *comp, int64_t Np, int64_t n0,
+                             float out[RB][16 * NBLK]) {
+    (void)comp; (void)Np; (void)n0;
+    for (int r = 0; r < R; r++)
+        for (int l = 0; l < 16 * NBLK; l++) out[r][l] = 0.f;
+    for (int64_t g = 0, k0 = 0; k0 < K4; g++, k0 += G4) {
+        const int64_t k1 = k0 + G4 < K4 ? k0 + G4 : K4;
+        for (int r = 0; r < R; r++)
+            for (int l = 0; l < 16 * NBLK; l++) {
+                const int8_t *w = wp + (l / 16) * K4 * 64 + (l % 16) * 4;
+                int32_t t = 0;
+                for (int64_t k = k0; k < k1; k++)
+                    for (int i = 0; i < 4; i++) t += (int32_t)q[r * ldq + 4 * k + i] * (int32_t)w[k * 64 + i];
+                out[r][l] = out[r][l] + (float)t * xs[r * ng + g];
+            }
+    }
+}
+#endif
+
+/* Output channels are padded to a multiple of 16 * NBLK in the packed weights, comp, scales and bias. */
+int64_t q8_padded_n(int64_t N) { return (N + 16 * NBLK - 1) / (16 * NBLK) * (16 * NBLK); }
+
+int q8_needs_comp(void) {
+#if Q8_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Calls a tile function with R as a constant, so its loops unroll and the accumulators stay in
+ * registers. */
+#define DISPATCH_R(call_with_r, R) \
+    do {                           \
+        switch (R) {               \
+            case 1: call_with_r(1); break; \
+            case 2: call_with_r(2); break; \
+            case 3: call_with_r(3); break; \
+            default: call_with_r(4); break; \
+        }                          \
+    } while (0)
+
+/* y [M, N] (row stride ldy) = dequant(x) @ dequant(w).T (+ bias) with x [M, K] fp32 quantized here
+ * per row and group of G channels (G a multiple of 4). wp: packed [Np/16][K4][16][4] int8 with
+ * K4 = ceil(K / 4) and Np = q8_padded_n(N) (zero rows and columns); comp [ng][Np] int32 (VNNI
+ * builds only, see q8_needs_comp); w_scale and bias (or NULL) padded to Np. Per output: sum over groups, in order, of (float)(int32 sum) * x_scale,
+ * then * w_scale, then + bias. */
+void q8_w8a8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t G, const int8_t *wp, const int32_t *comp,
+             const float *w_scale, const float *bias, float *y, int64_t N, int64_t ldy) {
+    const int64_t K4 = (K + 3) / 4, G4 = G / 4, ng = (K + G - 1) / G;
+    const int64_t Np = q8_padded_n(N), Nb = Np / 16, ldq = 4 * K4;
+    int8_t *q = (int8_t *)malloc((size_t)(M * ldq) + 64);
+    float *xs = (float *)malloc((size_t)(M * ng) * sizeof(float));
+    q8_quantize(x, M, K, ldx, G, q, ldq, xs);
+#if Q8_VNNI
+    uint8_t *a = (uint8_t *)q;
+    for (int64_t i = 0; i < M * ldq; i++) a[i] = (uint8_t)(q[i] ^ 0x80); /* q + 128 */
+#else
+    const int8_t *a = q;
+#endif
+    const int64_t ntiles = Nb / NBLK;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < ntiles; t++) {
+        const int64_t b0 = t * NBLK;
+        const int nb = NBLK;
+        const int8_t *wt = wp + b0 * K4 * 64;
+        for (int64_t m0 = 0; m0 < M; m0 += RB) {
+            const int R = M - m0 < RB ? (int)(M - m0) : RB;
+            const uint8_t *at = (const uint8_t *)a + m0 * ldq;
+            const float *xst = xs + m0 * ng;
+#if Q8_VNNI
+            fvec out[RB][NBLK];
+#define CALL(RR) w8a8_tile(at, ldq, xst, ng, RR, wt, K4, G4, comp, Np, b0 * 16, out)
+            DISPATCH_R(CALL, R);
+#undef CALL
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < nb; j++) {
+                    const int64_t n = (b0 + j) * 16;
+                    if (n >= N) break;
+                    fvec v = _mm512_mul_ps(out[r][j], _mm512_loadu_ps(w_scale + n));
+                    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+                    const __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+                    _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n, mk, v);
+                }
+#elif Q8_AVX2
+            __m256 out[RB][2 * NBLK];
+#define CALL(RR) w8a8_tile((const int8_t *)at, ldq, xst, ng, RR, wt, K4, G4, comp, Np, b0 * 16, out)
+            DISPATCH_R(CALL, R);
+#undef CALL
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 2 * nb; j++) {
+                    const int64_t n = b0 * 16 + 8 * j;
+                    if (n >= N) break;
+                    __m256 v = _mm256_mul_ps(out[r][j], _mm256_loadu_ps(w_scale + n));
+                    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, v);
+                    for (int l = 0; l < 8 && n + l < N; l++) y[(m0 + r) * ldy + n + l] = tmp[l];
+                }
+#else
+            float out[RB][16 * NBLK];
+            w8a8_tile((const int8_t *)at, ldq, xst, ng, R, wt, K4, G4, comp, Np, b0 * 16, out);
+            for (int r = 0; r < R; r++)
+                for (int l = 0; l < 16 * nb; l++) {
+                    const int64_t n = b0 * 16 + l;
+                    if (n >= N) break;
+                    float v = out[r][l] * w_scale[n];
+                    if (bias) v = v + bias[n];
+                    y[(m0 + r) * ldy + n] = v;
+                }
+#endif
+        }
+    }
+    free(q);
+    free(xs);
+}
+
+/* ---- weight-only int8 (fp32 activations) ------------------------------------------------------ */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __attribute__((always_inline)) void w8_tile(
+    const float *x, int64_t ldx, int R, const int8_t *w, int64_t K, int NN, float out[RB][NB]) {
+    __m512 acc[RB][NB];
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NB; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 wv[NB];
+        for (int j = 0; j < NB; j++)
+            if (j < NN) wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + j * K + k)));
+        for (int r = 0; r < RB; r++) {
+            if (r >= R) break;
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, x + r * ldx + k);
+            for (int j = 0; j < NB; j++)
+                if (j < NN) acc[r][j] = _mm512_fmadd_ps(wv[j], xv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NB; j++)
+            if (r < R && j < NN) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) void w8_tile(
+    const float *x, int64_t ldx, int R, const int8_t *w, int64_t K, int NN, float out[RB][NB]) {
+    __m256 acc[RB][NB];
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~(int64_t)7;
+    for (int64_t k = 0; k < K8; k += 8) {
+        __m256 wv[NB];
+        for (int j = 0; j < NB; j++)
+            if (j < NN) wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + j * K + k))));
+        for (int r = 0; r < RB; r++) {
+            if (r >= R) break;
+            const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+            for (int j = 0; j < NB; j++)
+                if (j < NN) acc[r][j] = _mm256_fmadd_ps(wv[j], xv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NN; j++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][j]), _mm256_extractf128_ps(acc[r][j], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            float t = _mm_cvtss_f32(s);
+            for (int64_t k = K8; k < K; k++) t += x[r * ldx + k] * (float)w[j * K + k];
+            out[r][j] = t;
+        }
+}
+#else
+static inline void w8_tile(const float *x, int64_t ldx, int R, const int8_t *w, int64_t K, int NN,
+                           float out[RB][NB]) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NN; j++) {
+            float t = 0.f;
+            for (int64_t k = 0; k < K; k++) t += x[r * ldx + k] * (float)w[j * K + k];
+            out[r][j] = t;
+        }
+}
+#endif
+
+/* Batch rows are taken MT at a time (a block of x stays in cache while the weights stream by). */
+#define MT 64
+
+void q8_w8(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, const float *w_scale,
+           const float *bias, float *y, int64_t N, int64_t ldy) {
+    const int64_t ntiles = (N + NB - 1) / NB;
+    for (int64_t mb = 0; mb < M; mb += MT) {
+        const int64_t me = M - mb < MT ? M : mb + MT;
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < ntiles; t++) {
+            const int64_t n0 = t * NB;
+            const int NN = N - n0 < NB ? (int)(N - n0) : NB;
+            float acc[RB][NB];
+            for (int64_t m0 = mb; m0 < me; m0 += RB) {
+                const int R = me - m0 < RB ? (int)(me - m0) : RB;
+                DISPATCH(w8_tile, x + m0 * ldx, ldx, R, w + n0 * K, K, NN, acc);
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < NN; j++) {
+                        float f = acc[r][j] * w_scale[n0 + j];
+                        if (bias) f = f + bias[n0 + j];
+                        y[(m0 + r) * ldy + n0 + j] = f;
+                    }
+            }
+        }
+    }
+}
