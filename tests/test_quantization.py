@@ -93,7 +93,7 @@ def test_c_kernels_compute_the_same_bits_as_torch():
             ref = x_deq @ (w_q.double() * w_s.double()[:, None]).T + b.double()
             torch.testing.assert_close(want.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
             # weight-only: fp32 sums, so close to the float64 product, not equal
-            w8 = kn.w8(x, w_q, w_s, b)
+            w8 = kn.w8(x, kn.pack_w8(w_q, w_s, b))
             ref = x.double() @ (w_q.double() * w_s.double()[:, None]).T + b.double()
             torch.testing.assert_close(w8.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
@@ -130,14 +130,18 @@ class _Keep(Int8LinearMethod):
         pass
 
 
-def test_lm_head_rows_do_not_depend_on_the_batch_and_large_batches_agree():
+def test_lm_head_rows_do_not_depend_on_the_batch():
     head = _layer(300, 64, False, seed=3, method=Int8WeightOnlyMethod())
     method = Int8WeightOnlyMethod()
-    x = torch.randn(40, 64)
-    alone = torch.cat([method.apply(head, x[i : i + 1]) for i in range(method.max_rows)])
-    assert torch.equal(method.apply(head, x[: method.max_rows]), alone)  # the C loop, any batch
-    big = method.apply(head, x)  # slab-dequantized fp32 GEMM
-    torch.testing.assert_close(big[: method.max_rows], alone, rtol=1e-5, atol=1e-5)
+    x = torch.randn(70, 64)
+    alone = torch.cat([method.apply(head, x[i : i + 1]) for i in range(x.shape[0])])
+    assert torch.equal(method.apply(head, x), alone)  # the C loop at every batch size
+    assert head.weight.dtype == torch.int8
+    # the torch path (GPU, no compiler): the same weights dequantized, fp32 GEMM
+    q, s = quantize_rows(_layer(300, 64, False, seed=3, method=_Keep()).weight)
+    plain = torch.nn.Module()
+    plain.weight, plain.weight_scale, plain.int8_kernels = q, s, None
+    torch.testing.assert_close(method.apply(plain, x), alone, rtol=1e-5, atol=1e-5)
 
 
 def test_bias_zero_rows_and_zero_activations():

@@ -33,9 +33,11 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: part.shape[0]].copy_(part)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight)
         if self.weight_scale is None:
-            return rows
+            return F.embedding(ids, self.weight)
+        from engine.layers.quantization.int8 import int8_rows
+
+        rows = int8_rows(self.weight, ids)
         return rows.to(self.out_dtype) * self.weight_scale[ids].unsqueeze(-1).to(self.out_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Why a C kernel: at decode batch sizes a linear layer is a few tens of microseconds of memory
 traffic, and torch's int8 paths spend more than that on dispatch (quantizing a row alone is ~7 ops,
-~17 us; oneDNN's int8 linear costs ~50 us per call at batch 1). One ctypes call that quantizes,
-multiplies and scales costs a few microseconds. It is built with the system C compiler (gcc/cc,
+~17 us; oneDNN's int8 linear costs ~50 us per call at batch 1; per-group scales would need one
+``torch._int_mm`` per group). One ctypes call that quantizes, multiplies and scales costs a few
+microseconds. It is built with the system C compiler (gcc/cc,
 ``-march=native``, about a second) into a per-machine cache; without a compiler the int8 layers
 fall back to torch ops (same numbers for W8A8, slower). ``ENGINE_INT8_CPU_KERNELS=0`` disables it.
 """
@@ -73,8 +74,8 @@ def build(march: str = "native", out_dir: Path | None = None) -> Path:
 class PackedInt8:
     """A W8A8 weight in the kernel's layout (see :meth:`CpuInt8Kernels.pack`)."""
 
-    packed: torch.Tensor  # int8 [Np/16, K4, 16, 4]
-    comp: torch.Tensor | None  # int32 [groups, Np], VNNI builds
+    packed: torch.Tensor  # int8 [Np/16, K4, 16, 4] (W8A8) or [Np/16, K, 16] (weight-only)
+    comp: torch.Tensor | None  # int32 [groups, Np], W8A8 on VNNI builds
     scale: torch.Tensor  # fp32 [Np]
     bias: torch.Tensor | None  # fp32 [Np]
     n: int
@@ -98,6 +99,8 @@ class CpuInt8Kernels:
         lib.q8_padded_n.argtypes = [_i64]
         lib.q8_quantize.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _i64, _p]
         lib.q8_w8a8.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _i64, _i64]
+        lib.q8_w8_padded_n.restype = ctypes.c_int64
+        lib.q8_w8_padded_n.argtypes = [_i64]
         lib.q8_w8.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64]
         self.lib, self.path = lib, path
         self.isa: str = lib.q8_isa().decode()
@@ -138,14 +141,22 @@ class CpuInt8Kernels:
                          None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), w.n, w.n)
         return y
 
-    def w8(self, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Weight-only: ``x @ (w * w_scale[:, None]).T (+ bias)`` with fp32 x; -> [M, N] fp32."""
+    def pack_w8(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> PackedInt8:
+        """Lays out an int8 [N, K] weight for :meth:`w8`: ``[Np/16][K][16]`` (16 output channels
+        per k), N padded to ``q8_w8_padded_n``. Row i of the weight is ``packed[i // 16, :, i % 16]``."""
+        n, k = w_q.shape
+        np_ = int(self.lib.q8_w8_padded_n(n))
+        packed = F.pad(w_q, (0, 0, 0, np_ - n)).view(np_ // 16, 16, k).transpose(1, 2).contiguous()
+        pad = lambda t: F.pad(t.float(), (0, np_ - n))  # noqa: E731
+        return PackedInt8(packed, None, pad(w_scale), None if bias is None else pad(bias), n, k, k)
+
+    def w8(self, x: torch.Tensor, w: PackedInt8) -> torch.Tensor:
+        """Weight-only: ``x @ (w * w_scale[:, None]).T (+ bias)`` with fp32 x [M, K]; -> [M, N] fp32."""
         x = _rows(x)
-        m, k = x.shape
-        n = w.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        self.lib.q8_w8(x.data_ptr(), m, k, x.stride(0), w.data_ptr(), w_scale.data_ptr(),
-                       None if bias is None else bias.data_ptr(), y.data_ptr(), n, n)
+        m = x.shape[0]
+        y = torch.empty(m, w.n, dtype=torch.float32)
+        self.lib.q8_w8(x.data_ptr(), m, w.k, x.stride(0), w.packed.data_ptr(), w.scale.data_ptr(),
+                       None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), w.n, w.n)
         return y
 
 

@@ -121,31 +121,41 @@ class Int8WeightOnlyMethod(LinearMethod):
     """int8 weights per output channel, float activations: for the LM head (and a tied embedding,
     which then looks up int8 rows times their scale, see embedding.py).
 
-    On CPU with fp32 activations every batch size up to ``max_rows`` runs through the same C loop
-    (a row's logits do not depend on the batch); larger ones dequantize the weight a slab at a time
-    and use torch's fp32 GEMM, about 2x faster there than the C loop, whose sums may then differ from
-    it in the last bits, as any two GEMM kernels do."""
+    On CPU every batch size runs through the C loop, whose sums do not depend on the batch; on GPU
+    or without the kernel the weight is dequantized a slab at a time for torch's GEMM."""
 
     name = "int8-weight-only"
-    max_rows = 16
-    slab = 4096  # weight rows dequantized at a time on the large-batch path (9 MB of fp32 at K=576)
+    slab = 4096  # weight rows dequantized at a time on the torch path
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q, scale = quantize_rows(layer.weight.data)
-        layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)
+        kernels = cpu_kernels.load() if q.device.type == "cpu" else None
+        layer.int8_kernels = kernels
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-        layer.int8_kernels = cpu_kernels.load() if q.device.type == "cpu" else None
+        if kernels is None:
+            layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K]
+            return
+        bias = getattr(layer, "bias", None)
+        layer.int8_packed = kernels.pack_w8(q, scale, None if bias is None else bias.data)
+        layer.weight = nn.Parameter(layer.int8_packed.packed, requires_grad=False)  # [N/16, K, 16]
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        bias = getattr(layer, "bias", None)
         x2 = x.reshape(-1, x.shape[-1])
-        kernels = layer.int8_kernels
-        if kernels is not None and x2.dtype == torch.float32 and x2.shape[0] <= self.max_rows:
-            y = kernels.w8(x2, layer.weight, layer.weight_scale, bias)
+        if layer.int8_kernels is not None:
+            y = layer.int8_kernels.w8(x2 if x2.dtype == torch.float32 else x2.float(), layer.int8_packed).to(x.dtype)
         else:
             w, s = layer.weight, layer.weight_scale
             y = torch.cat([F.linear(x2, w[i : i + self.slab].to(x2.dtype) * s[i : i + self.slab, None].to(x2.dtype))
                            for i in range(0, w.shape[0], self.slab)], dim=-1)
+            bias = getattr(layer, "bias", None)
             if bias is not None:
                 y += bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def int8_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an int8 weight as stored by :class:`Int8WeightOnlyMethod`: [N, K] or packed
+    [N/16, K, 16]."""
+    if weight.dim() == 3:
+        return weight[ids // 16, :, ids % 16]
+    return F.embedding(ids, weight)

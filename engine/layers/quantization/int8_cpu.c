@@ -1,17 +1,18 @@
-/* int8 matmuls for small batches on CPU (decode): one call does what takes torch ~10 dispatches.
+/* int8 matmuls on CPU: one call does what takes torch 10-30 dispatches per layer.
  *
  * Built at first use by engine/layers/quantization/cpu_kernels.py with `-O3 -march=native
- * -ffp-contract=off -fopenmp` and called through ctypes. Weights are int8 [N, K] row-major (the same
- * tensor torch._int_mm multiplies for large batches), one fp32 scale per output row.
+ * -ffp-contract=off -fopenmp` and called through ctypes. Per-output-channel int8 weights, packed
+ * once at load time into the layouts below, fp32 scales.
  *
- * q8_w8a8: y = x @ dequant(w).T (+ bias) with x quantized per row to int8 in the call. The integer
- *   dot products are exact, and the float epilogue is ((float)acc * w_scale) * x_scale + bias in that
- *   order, the same operations torch does after torch._int_mm: both paths give the same bits.
- * q8_w8: weight-only (fp32 activations), for the LM head. Every output is computed by the same
- *   sequence of operations whatever M is, so a row does not depend on the rest of the batch.
+ * q8_w8a8: y = x @ dequant(w).T (+ bias) with x quantized here per row and group of G channels.
+ *   Each group's int32 sum is exact; the float epilogue is sum over groups, in order, of
+ *   (float)acc_g * x_scale_g, then * w_scale, then + bias: what int8.py's torch path computes from
+ *   torch._int_mm, so both give the same bits, and a row never depends on the rest of the batch.
+ * q8_w8: weight-only (fp32 activations), for the LM head; one FMA chain per output over k in
+ *   order, whatever M is, so a row does not depend on the rest of the batch either.
  *
- * Quantization of a row: amax = max|x| (at least 1e-12), inv = 127 / amax, q = round_half_even(x *
- * inv), scale = amax / 127; the torch fallback (int8.py: quantize_rows) computes the same numbers.
+ * Quantization of a group: amax = max|x| (at least 1e-12), inv = 127 / amax, q = round_half_even(x *
+ * inv), scale = amax / 127; int8.py: quantize_groups computes the same numbers.
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,25 +36,8 @@
 #endif
 
 #define Q8_EPS 1e-12f
-#define NB 4   /* weight-only: output rows per tile */
 #define NBLK 2 /* W8A8: blocks of 16 output channels per tile */
 #define RB 4   /* batch rows per tile */
-
-/* Calls a tile function with R and NN as constants, so its loops unroll and the accumulators stay
- * in registers; partial tiles (the last rows and columns) take the generic call. */
-#define DISPATCH(fn, a, lda, R, w, K, NN, acc)                  \
-    do {                                                        \
-        if ((NN) == NB) {                                       \
-            switch (R) {                                        \
-                case 1: fn(a, lda, 1, w, K, NB, acc); break;    \
-                case 2: fn(a, lda, 2, w, K, NB, acc); break;    \
-                case 3: fn(a, lda, 3, w, K, NB, acc); break;    \
-                default: fn(a, lda, 4, w, K, NB, acc); break;   \
-            }                                                   \
-        } else {                                                \
-            fn(a, lda, R, w, K, NN, acc);                       \
-        }                                                       \
-    } while (0)
 
 const char *q8_isa(void) { return Q8_ISA; }
 
@@ -281,92 +265,127 @@ void q8_w8a8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t G, const
     free(xs);
 }
 
-/* ---- weight-only int8 (fp32 activations) ------------------------------------------------------ */
+/* ---- weight-only int8 (fp32 activations) ------------------------------------------------------
+ * Weights packed [Np/16][K][16]: the 16 bytes at [b][k] are w[16b .. 16b + 15][k]. Each output lane
+ * accumulates x[k] * w[n][k] over k in order in one FMA chain, whatever the batch size, so a row's
+ * result does not depend on the other rows. */
+
+#define WB 4 /* weight-only: blocks of 16 output channels per tile (the packing pads N to 16 * WB) */
+
+int64_t q8_w8_padded_n(int64_t N) { return (N + 16 * WB - 1) / (16 * WB) * (16 * WB); }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-static inline __attribute__((always_inline)) void w8_tile(
-    const float *x, int64_t ldx, int R, const int8_t *w, int64_t K, int NN, float out[RB][NB]) {
-    __m512 acc[RB][NB];
+static inline __attribute__((always_inline)) void w8_tile(const float *x, int64_t ldx, int R, const int8_t *wp,
+                                                          int64_t K, __m512 out[RB][WB]) {
     for (int r = 0; r < RB; r++)
-        for (int j = 0; j < NB; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        __m512 wv[NB];
-        for (int j = 0; j < NB; j++)
-            if (j < NN) wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + j * K + k)));
+        for (int j = 0; j < WB; j++) out[r][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 wv[WB];
+        for (int j = 0; j < WB; j++)
+            wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wp + (j * K + k) * 16))));
         for (int r = 0; r < RB; r++) {
             if (r >= R) break;
-            const __m512 xv = _mm512_maskz_loadu_ps(mk, x + r * ldx + k);
-            for (int j = 0; j < NB; j++)
-                if (j < NN) acc[r][j] = _mm512_fmadd_ps(wv[j], xv, acc[r][j]);
+            const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+            for (int j = 0; j < WB; j++) out[r][j] = _mm512_fmadd_ps(wv[j], xb, out[r][j]);
         }
     }
-    for (int r = 0; r < RB; r++)
-        for (int j = 0; j < NB; j++)
-            if (r < R && j < NN) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
 }
+
+static void w8_store(__m512 out[RB][WB], int R, const float *w_scale, const float *bias, float *y, int64_t ldy,
+                     int64_t n0, int64_t N) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < WB; j++) {
+            const int64_t n = n0 + 16 * j;
+            if (n >= N) break;
+            __m512 v = _mm512_mul_ps(out[r][j], _mm512_loadu_ps(w_scale + n));
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+            const __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            _mm512_mask_storeu_ps(y + r * ldy + n, mk, v);
+        }
+}
+#define W8_OUT __m512 out[RB][WB]
 #elif defined(__AVX2__) && defined(__FMA__)
-static inline __attribute__((always_inline)) void w8_tile(
-    const float *x, int64_t ldx, int R, const int8_t *w, int64_t K, int NN, float out[RB][NB]) {
-    __m256 acc[RB][NB];
-    for (int r = 0; r < RB; r++)
-        for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();
-    const int64_t K8 = K & ~(int64_t)7;
-    for (int64_t k = 0; k < K8; k += 8) {
-        __m256 wv[NB];
-        for (int j = 0; j < NB; j++)
-            if (j < NN) wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + j * K + k))));
+/* 16 registers: one block (two 8-lane halves) per tile step, the WB blocks one after the other */
+static inline __attribute__((always_inline)) void w8_tile(const float *x, int64_t ldx, int R, const int8_t *wp,
+                                                          int64_t K, __m256 out[RB][2 * WB]) {
+    for (int j = 0; j < WB; j++) {
+        __m256 acc[RB][2];
+        for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(wp + (j * K + k) * 16));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+            for (int r = 0; r < RB; r++) {
+                if (r >= R) break;
+                const __m256 xb = _mm256_set1_ps(x[r * ldx + k]);
+                acc[r][0] = _mm256_fmadd_ps(w0, xb, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
+            }
+        }
         for (int r = 0; r < RB; r++) {
-            if (r >= R) break;
-            const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
-            for (int j = 0; j < NB; j++)
-                if (j < NN) acc[r][j] = _mm256_fmadd_ps(wv[j], xv, acc[r][j]);
+            out[r][2 * j] = acc[r][0];
+            out[r][2 * j + 1] = acc[r][1];
         }
     }
+}
+
+static void w8_store(__m256 out[RB][2 * WB], int R, const float *w_scale, const float *bias, float *y, int64_t ldy,
+                     int64_t n0, int64_t N) {
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < NN; j++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][j]), _mm256_extractf128_ps(acc[r][j], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            float t = _mm_cvtss_f32(s);
-            for (int64_t k = K8; k < K; k++) t += x[r * ldx + k] * (float)w[j * K + k];
-            out[r][j] = t;
+        for (int j = 0; j < 2 * WB; j++) {
+            const int64_t n = n0 + 8 * j;
+            if (n >= N) break;
+            __m256 v = _mm256_mul_ps(out[r][j], _mm256_loadu_ps(w_scale + n));
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            float tmp[8];
+            _mm256_storeu_ps(tmp, v);
+            for (int l = 0; l < 8 && n + l < N; l++) y[r * ldy + n + l] = tmp[l];
         }
 }
+#define W8_OUT __m256 out[RB][2 * WB]
 #else
-static inline void w8_tile(const float *x, int64_t ldx, int R, const int8_t *w, int64_t K, int NN,
-                           float out[RB][NB]) {
+static inline void w8_tile(const float *x, int64_t ldx, int R, const int8_t *wp, int64_t K, float out[RB][16 * WB]) {
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < NN; j++) {
+        for (int l = 0; l < 16 * WB; l++) {
             float t = 0.f;
-            for (int64_t k = 0; k < K; k++) t += x[r * ldx + k] * (float)w[j * K + k];
-            out[r][j] = t;
+            for (int64_t k = 0; k < K; k++) t = t + x[r * ldx + k] * (float)wp[((l / 16) * K + k) * 16 + l % 16];
+            out[r][l] = t;
         }
 }
+
+static void w8_store(float out[RB][16 * WB], int R, const float *w_scale, const float *bias, float *y, int64_t ldy,
+                     int64_t n0, int64_t N) {
+    for (int r = 0; r < R; r++)
+        for (int l = 0; l < 16 * WB && n0 + l < N; l++) {
+            float v = out[r][l] * w_scale[n0 + l];
+            if (bias) v = v + bias[n0 + l];
+            y[r * ldy + n0 + l] = v;
+        }
+}
+#define W8_OUT float out[RB][16 * WB]
 #endif
 
 /* Batch rows are taken MT at a time (a block of x stays in cache while the weights stream by). */
 #define MT 64
 
-void q8_w8(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, const float *w_scale,
+/* y [M, N] = x @ (w * w_scale[:, None]).T (+ bias), x [M, K] fp32; wp packed [Np/16][K][16] with
+ * Np = q8_w8_padded_n(N); w_scale and bias (or NULL) padded to Np. */
+void q8_w8(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *wp, const float *w_scale,
            const float *bias, float *y, int64_t N, int64_t ldy) {
-    const int64_t ntiles = (N + NB - 1) / NB;
+    const int64_t ntiles = q8_w8_padded_n(N) / (16 * WB);
     for (int64_t mb = 0; mb < M; mb += MT) {
         const int64_t me = M - mb < MT ? M : mb + MT;
 #pragma omp parallel for schedule(static)
         for (int64_t t = 0; t < ntiles; t++) {
-            const int64_t n0 = t * NB;
-            const int NN = N - n0 < NB ? (int)(N - n0) : NB;
-            float acc[RB][NB];
+            const int64_t n0 = t * 16 * WB;
+            const int8_t *wt = wp + n0 * K;
             for (int64_t m0 = mb; m0 < me; m0 += RB) {
                 const int R = me - m0 < RB ? (int)(me - m0) : RB;
-                DISPATCH(w8_tile, x + m0 * ldx, ldx, R, w + n0 * K, K, NN, acc);
-                for (int r = 0; r < R; r++)
-                    for (int j = 0; j < NN; j++) {
-                        float f = acc[r][j] * w_scale[n0 + j];
-                        if (bias) f = f + bias[n0 + j];
-                        y[(m0 + r) * ldy + n0 + j] = f;
-                    }
+                W8_OUT;
+#define CALL(RR) w8_tile(x + m0 * ldx, ldx, RR, wt, K, out)
+                DISPATCH_R(CALL, R);
+#undef CALL
+                w8_store(out, R, w_scale, bias, y + m0 * ldy, ldy, n0, N);
             }
         }
     }
