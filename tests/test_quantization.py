@@ -130,6 +130,17 @@ class _Keep(Int8LinearMethod):
         pass
 
 
+def test_without_the_c_kernel_the_layer_gives_the_same_bits(monkeypatch):
+    """No C compiler: the layer keeps [N, K] int8 and runs torch._int_mm per group."""
+    x = torch.randn(5, 200)
+    with_kernel = _layer(48, 200, True, seed=7)
+    monkeypatch.setattr(cpu_kernels, "load", lambda march="native": None)
+    without = _layer(48, 200, True, seed=7)
+    assert without.int8_kernels is None and without.weight.shape == (48, 200)
+    method = Int8LinearMethod()
+    assert torch.equal(method.apply(without, x), method.apply(with_kernel, x))
+
+
 def test_lm_head_rows_do_not_depend_on_the_batch():
     head = _layer(300, 64, False, seed=3, method=Int8WeightOnlyMethod())
     method = Int8WeightOnlyMethod()

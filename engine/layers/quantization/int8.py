@@ -68,7 +68,7 @@ def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     x_q, x_scale = quantize_groups(x2, group)
     y = None
     for g, start in enumerate(range(0, k, group)):
-        xg, wg = x_q[:, start : start + group].contiguous(), w_q[:, start : start + group]
+        xg, wg = x_q[:, start : start + group].contiguous(), w_q[:, start : start + group].contiguous()
         t = _int_mm(xg, wg) * x_scale[:, g : g + 1]
         y = t if y is None else y.add_(t)
     y = y * w_scale
