@@ -88,6 +88,19 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b.t())
 
 
+def _quantize_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, "cpu_kernels.CpuInt8Kernels | None"]:
+    """Quantizes ``layer.weight`` per output channel and sets ``weight_scale`` and ``int8_kernels``.
+    Without the CPU kernel the int8 ``[N, K]`` weight replaces the fp32 one here; with it, the
+    caller stores the weight in the kernel's layout. Returns (q, scale, kernels or None)."""
+    q, scale = quantize_rows(layer.weight.data)
+    kernels = cpu_kernels.load() if q.device.type == "cpu" else None
+    layer.int8_kernels = kernels
+    layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+    if kernels is None:
+        layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K] int8; fp32 freed
+    return q, scale, kernels
+
+
 class Int8LinearMethod(LinearMethod):
     """W8A8: int8 weights per output channel, int8 activations per token and group of 64 channels,
     exact int32 products. On CPU the weight is kept only in the C kernel's layout."""
@@ -95,12 +108,8 @@ class Int8LinearMethod(LinearMethod):
     name = "int8"
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        q, scale = quantize_rows(layer.weight.data)
-        kernels = cpu_kernels.load() if q.device.type == "cpu" else None
-        layer.int8_kernels = kernels
-        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        q, scale, kernels = _quantize_weight(layer)
         if kernels is None:
-            layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K] int8; fp32 freed
             return
         bias = None if layer.bias is None else layer.bias.data
         layer.int8_packed = kernels.pack(q, scale, bias, GROUP)
@@ -128,12 +137,8 @@ class Int8WeightOnlyMethod(LinearMethod):
     slab = 4096  # weight rows dequantized at a time on the torch path
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        q, scale = quantize_rows(layer.weight.data)
-        kernels = cpu_kernels.load() if q.device.type == "cpu" else None
-        layer.int8_kernels = kernels
-        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        q, scale, kernels = _quantize_weight(layer)
         if kernels is None:
-            layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K]
             return
         bias = getattr(layer, "bias", None)
         layer.int8_packed = kernels.pack_w8(q, scale, None if bias is None else bias.data)
