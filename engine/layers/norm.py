@@ -1,10 +1,11 @@
-"""RMSNorm, dispatching to the fused Triton kernel on CUDA and to torch elsewhere."""
+"""RMSNorm, dispatching to the fused Triton kernel on CUDA, the C kernel on fp32 CPU, and torch elsewhere."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from engine.kernels import torch_ref
+from engine.kernels.cpu.ops import fp32_cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +19,9 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if x.is_cuda:
             from engine.kernels.rmsnorm import rms_norm
-        else:
-            rms_norm = torch_ref.rms_norm
-        return rms_norm(x, self.weight, self.eps, residual)
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        kernels = fp32_cpu_kernels(x, self.weight)
+        if kernels is not None and x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)  # the residual is updated in place
+        return torch_ref.rms_norm(x, self.weight, self.eps, residual)

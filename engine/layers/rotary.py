@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.errors import UnsupportedModelError
 from engine.kernels import torch_ref
+from engine.kernels.cpu.ops import fp32_cpu_kernels
 
 
 def rope_parameters(hf_config: Any) -> tuple[float, dict | None]:
@@ -61,10 +62,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernels = None
 
     def prepare(self, positions: torch.Tensor) -> None:
         self._positions = positions
-        self._cos_sin = None if positions.is_cuda else torch_ref.rotary_cos_sin(positions, self.cos_sin_cache)
+        self._kernels = fp32_cpu_kernels(self.cos_sin_cache)
+        if self._kernels is not None:
+            self._positions = positions.to(torch.int64).contiguous()
+        on_torch = not positions.is_cuda and self._kernels is None
+        self._cos_sin = torch_ref.rotary_cos_sin(positions, self.cos_sin_cache) if on_torch else None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, H, D] and key [T, KVH, D] are rotated in place for the prepared positions."""
@@ -74,5 +80,15 @@ class RotaryEmbedding(nn.Module):
             from engine.kernels.rotary import rotary_embedding
 
             return rotary_embedding(self._positions, query, key, self.cos_sin_cache)
+        if self._kernels is not None and _heads_contiguous(query) and _heads_contiguous(key):
+            self._kernels.rotary_(self._positions, query, key, self.cos_sin_cache)
+            return query, key
+        if self._cos_sin is None:
+            self._cos_sin = torch_ref.rotary_cos_sin(self._positions, self.cos_sin_cache)
         cos, sin = self._cos_sin
         return torch_ref.apply_rotary_(query, cos, sin), torch_ref.apply_rotary_(key, cos, sin)
+
+
+def _heads_contiguous(x: torch.Tensor) -> bool:
+    """[T, H, D] whose heads lie D apart within a token (any token stride): the C kernel's layout."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.dtype == torch.float32

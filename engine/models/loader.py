@@ -96,6 +96,15 @@ def use_column_major_weights(model: nn.Module) -> int:
     return len(done)
 
 
+def cpu_kernels_take_weights(dtype: torch.dtype) -> bool:
+    """True when the fp32 C kernels will run this model's small-batch matmuls: they read weights
+    row-major, the layout the checkpoint has, so the column-major copy is skipped (torch's GEMM is
+    as fast either way from a few dozen rows on, docs/performance.md)."""
+    from engine.kernels.cpu.ops import load
+
+    return dtype == torch.float32 and load() is not None
+
+
 def quantize_model(model: nn.Module, quantization: str | None) -> int:
     """Gives each matmul layer the method ``quantization`` assigns it and converts its loaded
     weights (the full-precision copies are freed). A tied input embedding is re-pointed at the
@@ -124,6 +133,6 @@ def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.dev
     load_weights(model, path, show_progress)
     if quantization is not None:
         quantize_model(model, quantization)
-    if device.type == "cpu":
+    if device.type == "cpu" and not cpu_kernels_take_weights(dtype):
         use_column_major_weights(model)
     return model

@@ -40,7 +40,9 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.attn_backend = None
-        self.graph_runner = None  # engine/worker/cuda_graph.py, on CUDA unless enforce_eager
+        # decode-step replay unless enforce_eager: CUDA graphs (engine/worker/cuda_graph.py) on CUDA,
+        # kernel plans (engine/worker/cpu_graph.py) on CPU
+        self.graph_runner = None
 
     # ---- set-up ----------------------------------------------------------------------------
     def load_model(self, show_progress: bool = True) -> None:
@@ -73,7 +75,12 @@ class ModelRunner:
 
     def _maybe_capture_graphs(self) -> None:
         cfg = self.config
-        if self.device.type != "cuda" or cfg.enforce_eager:
+        if cfg.enforce_eager:
+            return
+        if self.device.type == "cpu":
+            self._maybe_use_kernel_plans()
+            return
+        if self.device.type != "cuda":
             return
         if cfg.parallel.tensor_parallel_size > 1 or getattr(self.attn_backend, "name", "") != "triton":
             logger.info("CUDA graphs are used with one rank and the triton backend only; running eagerly")
@@ -83,6 +90,16 @@ class ModelRunner:
         self.graph_runner = CUDAGraphRunner(self.model, cfg.scheduler.max_num_seqs, self.model_config.max_model_len,
                                             self.block_size, self.device)
         self.graph_runner.capture()
+
+    def _maybe_use_kernel_plans(self) -> None:
+        """CPU decode steps replayed as kernel plans (engine/worker/cpu_graph.py), recorded lazily."""
+        cfg = self.config
+        if cfg.parallel.tensor_parallel_size > 1 or getattr(self.attn_backend, "name", "") != "cpu":
+            return
+        from engine.worker.cpu_graph import CpuGraphRunner
+
+        self.graph_runner = CpuGraphRunner(self.model, self.attn_backend.kernels, cfg.scheduler.max_num_seqs,
+                                           self.model_config.max_model_len, self.block_size)
 
     @torch.inference_mode()
     def run_dummy_prefill(self, num_tokens: int, num_logits: int) -> None:

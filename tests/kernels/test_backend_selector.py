@@ -1,4 +1,4 @@
-"""Backend selection: auto picks Triton on CUDA and torch elsewhere; impossible choices fail with a clear
+"""Backend selection: auto picks Triton on CUDA, the C kernels on CPU (torch where they cannot be built); impossible choices fail with a clear
 ValueError at start-up; CPU runs never import triton or xformers."""
 from __future__ import annotations
 
@@ -19,9 +19,26 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs n
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_auto_on_cpu_is_torch():
-    assert isinstance(get_attention_backend("auto", CPU), TorchAttentionBackend)
-    assert isinstance(get_attention_backend("torch", CPU), TorchAttentionBackend)
+def test_auto_on_cpu_is_the_c_backend():
+    from engine.attention.backends.cpu_backend import CpuAttentionBackend
+
+    assert isinstance(get_attention_backend("auto", CPU), CpuAttentionBackend)
+    assert isinstance(get_attention_backend("cpu", CPU), CpuAttentionBackend)
+    backend = get_attention_backend("torch", CPU)
+    assert isinstance(backend, TorchAttentionBackend) and not isinstance(backend, CpuAttentionBackend)
+
+
+def test_auto_on_cpu_without_the_c_kernels_is_torch(monkeypatch):
+    from engine.attention.backends.cpu_backend import CpuAttentionBackend
+    from engine.kernels.cpu import ops
+
+    monkeypatch.setattr(ops, "load", lambda march="native": None)
+    backend = get_attention_backend("auto", CPU)
+    assert isinstance(backend, TorchAttentionBackend) and not isinstance(backend, CpuAttentionBackend)
+    with pytest.raises(ValueError, match="attention_backend='cpu' needs the C kernels"):
+        get_attention_backend("cpu", CPU)
+    with pytest.raises(ValueError, match="runs on CPU, not cuda"):
+        get_attention_backend("cpu", CUDA)
 
 
 def test_auto_on_cuda_is_triton():
@@ -33,7 +50,7 @@ def test_auto_on_cuda_is_triton():
 
 
 def test_unknown_name_is_rejected():
-    with pytest.raises(ValueError, match="unknown attention_backend='flash'.*auto, triton, torch, xformers"):
+    with pytest.raises(ValueError, match="unknown attention_backend='flash'.*auto, triton, cpu, torch, xformers"):
         get_attention_backend("flash", CPU)
 
 

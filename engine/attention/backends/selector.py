@@ -1,6 +1,6 @@
 """Chooses the attention backend once at start-up.
 
-``auto`` is Triton on CUDA and torch elsewhere. Backend modules are imported lazily: only the chosen one is
+``auto`` is Triton on CUDA, the C kernels on CPU where they build (``cpu``), and torch otherwise. Backend modules are imported lazily: only the chosen one is
 loaded, so triton (whose interpreter mode is fixed when it is imported) and the optional xformers are never
 pulled in by a CPU run.
 """
@@ -13,7 +13,7 @@ import torch
 
 from engine.attention.backends.base import AttentionBackend
 
-BACKENDS = ("auto", "triton", "torch", "xformers")
+BACKENDS = ("auto", "triton", "cpu", "torch", "xformers")
 
 
 def triton_interpreter_requested() -> bool:
@@ -28,6 +28,24 @@ def _torch_backend() -> AttentionBackend:
     from engine.attention.backends.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()
+
+
+def _cpu_backend(device: torch.device, required: bool) -> AttentionBackend | None:
+    if device.type != "cpu":
+        if required:
+            raise ValueError(f"attention_backend='cpu' runs on CPU, not {device.type}; use 'auto'")
+        return None
+    from engine.kernels.cpu.ops import load
+
+    kernels = load()
+    if kernels is None:
+        if required:
+            raise ValueError("attention_backend='cpu' needs the C kernels, which could not be built here (is gcc "
+                             "on PATH? is ENGINE_CPU_KERNELS=0 set?); use 'torch' or 'auto'")
+        return None
+    from engine.attention.backends.cpu_backend import CpuAttentionBackend
+
+    return CpuAttentionBackend(kernels)
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:
@@ -71,7 +89,9 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         if device.type == "cuda" and _triton_installed():
             return _triton_backend(device)
-        return _torch_backend()
+        return _cpu_backend(device, required=False) or _torch_backend()
+    if name == "cpu":
+        return _cpu_backend(device, required=True)
     if name == "torch":
         return _torch_backend()
     if name == "triton":

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.cpu.ops import fp32_cpu_kernels
+
 
 class LinearMethod(ABC):
     """Owns a layer's weight format: converts it once after loading, then computes ``x @ W.T + b``."""
@@ -20,8 +22,21 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
 
 
+# Up to this many rows the fp32 CPU kernel beats torch's GEMM (which wins on large batches); wide
+# weights (an LM head) keep the kernel's advantage further (docs/performance.md).
+CPU_KERNEL_MAX_ROWS = 32
+CPU_KERNEL_MAX_ROWS_WIDE = 128
+WIDE_OUT_FEATURES = 8192
+
+
 class UnquantizedLinearMethod(LinearMethod):
     name = "none"
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, getattr(layer, "bias", None))
+        w, bias = layer.weight, getattr(layer, "bias", None)
+        kernels = fp32_cpu_kernels(x, w)
+        if kernels is not None and x.dim() == 2 and w.stride(1) == 1 and x.stride(1) == 1:
+            limit = CPU_KERNEL_MAX_ROWS_WIDE if w.shape[0] >= WIDE_OUT_FEATURES else CPU_KERNEL_MAX_ROWS
+            if x.shape[0] <= limit:
+                return kernels.linear(x, w, bias)
+        return F.linear(x, w, bias)

@@ -11,12 +11,8 @@ fall back to torch ops (same numbers for W8A8, slower). ``ENGINE_INT8_CPU_KERNEL
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,50 +20,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.cpu.build import build as build_source
+from engine.kernels.cpu.plan import active_plan, function_address
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_cpu.c")
-FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 
-def _cpu_identity() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return os.uname().machine
-    return "\n".join(sorted({l for l in lines if l.startswith(("model name", "flags"))}))
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "paged-engine"
-
-
 def build(march: str = "native", out_dir: Path | None = None) -> Path:
     """Compiles int8_cpu.c for ``-march=march`` (cached by source, flags and CPU); returns the .so path."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    flags = [*FLAGS, f"-march={march}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_identity()]).encode()).hexdigest()[:16]
-    out_dir = out_dir or _cache_dir()
-    out = out_dir / f"int8_cpu-{march}-{key}.so"
-    if out.exists():
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-        os.replace(tmp, out)  # atomic: concurrent builders (TP workers) never see half a file
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{e.stderr}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return build_source(SOURCE, march, out_dir)
 
 
 @dataclass
@@ -99,6 +64,7 @@ class CpuInt8Kernels:
         lib.q8_padded_n.argtypes = [_i64]
         lib.q8_quantize.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _i64, _p]
         lib.q8_w8a8.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _i64, _i64]
+        self._w8a8_address = function_address(lib.q8_w8a8_a)
         lib.q8_w8_padded_n.restype = ctypes.c_int64
         lib.q8_w8_padded_n.argtypes = [_i64]
         lib.q8_w8.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64]
@@ -136,9 +102,13 @@ class CpuInt8Kernels:
         x = _rows(x)
         m = x.shape[0]
         y = torch.empty(m, w.n, dtype=torch.float32)
-        self.lib.q8_w8a8(x.data_ptr(), m, w.k, x.stride(0), w.group, w.packed.data_ptr(),
-                         None if w.comp is None else w.comp.data_ptr(), w.scale.data_ptr(),
-                         None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), w.n, w.n)
+        args = (x.data_ptr(), m, w.k, x.stride(0), w.group, w.packed.data_ptr(),
+                0 if w.comp is None else w.comp.data_ptr(), w.scale.data_ptr(),
+                0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), w.n, w.n)
+        self.lib.q8_w8a8(*args)
+        plan = active_plan()
+        if plan is not None:  # a decode step being recorded (engine/kernels/cpu/plan.py)
+            plan.record(self._w8a8_address, args, x, y)
         return y
 
     def pack_w8(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> PackedInt8:

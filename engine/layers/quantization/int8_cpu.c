@@ -390,3 +390,10 @@ void q8_w8(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *wp, 
         }
     }
 }
+
+/* q8_w8a8 with its arguments as one int64 array, for kernel plans (engine/kernels/cpu/plan.py). */
+void q8_w8a8_a(const int64_t *a) {
+    q8_w8a8((const float *)(intptr_t)a[0], a[1], a[2], a[3], a[4], (const int8_t *)(intptr_t)a[5],
+            (const int32_t *)(intptr_t)a[6], (const float *)(intptr_t)a[7], (const float *)(intptr_t)a[8],
+            (float *)(intptr_t)a[9], a[10], a[11]);
+}

@@ -1,0 +1,435 @@
+/* fp32 CPU kernels for the small-batch (decode) hot path: one call where torch needs several
+ * dispatches, and matmuls that stream the weights at the machine's read bandwidth.
+ *
+ * Built at first use by engine/kernels/cpu/build.py with `-O3 -march=native -ffp-contract=off
+ * -fopenmp` and called through ctypes (engine/kernels/cpu/ops.py). Threads come from the libgomp
+ * pool torch has loaded already.
+ *
+ * Every output element is computed by the same sequence of operations whatever the batch size, the
+ * tile it falls in or the thread that runs it, so a row's result never depends on the rest of the
+ * batch (f32_linear: 8 lane-wise FMA chains over k in order, a fixed horizontal sum, then the scalar
+ * tail; attention: keys visited in order in chunks of one fixed size).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define F32_AVX2 1
+#define F32_ISA "avx2"
+#else
+#define F32_ISA "generic"
+#endif
+
+const char *f32_isa(void) { return F32_ISA; }
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ---- vector helpers ---------------------------------------------------------------------------- */
+#ifdef F32_AVX2
+static inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+/* exp(x) for fp32 lanes: range reduction by ln 2 (two-part constant) and a degree-6 polynomial;
+ * relative error below 2 ulp over the normal range, 0 below -87.3, +inf above 88.7. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.7228f), lo = _mm256_set1_ps(-87.3365f);
+    const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ), under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    /* 2^n in two steps, so n = 128 (x near the top of the range) does not overflow the exponent */
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i h = _mm256_srai_epi32(ni, 1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+    p = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    p = _mm256_blendv_ps(p, _mm256_set1_ps(INFINITY), over);
+    return _mm256_blendv_ps(p, _mm256_setzero_ps(), under);
+}
+#endif
+
+/* The same function lane by lane, for the tails, so that a value's exp never depends on where it
+ * sits in a row. */
+static float exp1(float x) {
+#ifdef F32_AVX2
+    float buf[8];
+    _mm256_storeu_ps(buf, exp8(_mm256_set1_ps(x)));
+    return buf[0];
+#else
+    return expf(x);
+#endif
+}
+
+/* ---- y = x @ w.T (+ bias) ------------------------------------------------------------------------
+ * x [M, K] (row stride ldx), w [N, K] row-major (row stride ldw), y [M, N] (row stride ldy).
+ * Threads split the output channels into contiguous ranges, so each streams its own rows of w once;
+ * a tile of NB weight rows stays in L1 while every row tile of x passes over it. */
+#define NB 3 /* weight rows per tile */
+#define RB 4 /* batch rows per tile */
+#define NB1 8 /* weight rows per tile at M = 1 */
+
+static inline float dot_tail(const float *a, const float *b, int64_t k0, int64_t K, float s) {
+    for (int64_t k = k0; k < K; k++) s += a[k] * b[k];
+    return s;
+}
+
+#ifdef F32_AVX2
+static inline __attribute__((always_inline)) void linear_tile(const float *x, int64_t ldx, int R, const float *w,
+                                                               int64_t ldw, int C, int64_t K, float *y, int64_t ldy,
+                                                               const float *bias) {
+    __m256 acc[RB][NB];
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~(int64_t)7;
+    const float *wr[NB]; /* rows past the end repeat row 0; their sums are dropped */
+    for (int j = 0; j < NB; j++) wr[j] = w + (j < C ? j : 0) * ldw;
+    for (int64_t k = 0; k < K8; k += 8) {
+        __m256 wv[NB];
+        for (int j = 0; j < NB; j++) wv[j] = _mm256_loadu_ps(wr[j] + k);
+        for (int r = 0; r < RB; r++) {
+            if (r >= R) break;
+            const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+            for (int j = 0; j < NB; j++) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < C; j++) {
+            float s = dot_tail(x + r * ldx, w + j * ldw, K8, K, hsum8(acc[r][j]));
+            y[r * ldy + j] = bias ? s + bias[j] : s;
+        }
+}
+
+static inline __attribute__((always_inline)) void linear_row(const float *x, const float *w, int64_t ldw, int C,
+                                                              int64_t K, float *y, const float *bias) {
+    __m256 acc[NB1];
+    for (int j = 0; j < NB1; j++) acc[j] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~(int64_t)7;
+    const float *wr[NB1];
+    for (int j = 0; j < NB1; j++) wr[j] = w + (j < C ? j : 0) * ldw;
+    for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        for (int j = 0; j < NB1; j++) acc[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wr[j] + k), acc[j]);
+    }
+    for (int j = 0; j < C; j++) {
+        float s = dot_tail(x, w + j * ldw, K8, K, hsum8(acc[j]));
+        y[j] = bias ? s + bias[j] : s;
+    }
+}
+#else
+static void linear_tile(const float *x, int64_t ldx, int R, const float *w, int64_t ldw, int C, int64_t K, float *y,
+                        int64_t ldy, const float *bias) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < C; j++) {
+            float lane[8] = {0};
+            const int64_t K8 = K & ~(int64_t)7;
+            for (int64_t k = 0; k < K8; k += 8)
+                for (int l = 0; l < 8; l++) lane[l] += x[r * ldx + k + l] * w[j * ldw + k + l];
+            float s = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+            s = dot_tail(x + r * ldx, w + j * ldw, K8, K, s);
+            y[r * ldy + j] = bias ? s + bias[j] : s;
+        }
+}
+static void linear_row(const float *x, const float *w, int64_t ldw, int C, int64_t K, float *y, const float *bias) {
+    linear_tile(x, 0, 1, w, ldw, C, K, y, 0, bias);
+}
+#endif
+
+void f32_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, int64_t N, int64_t ldw,
+                const float *bias, float *y, int64_t ldy) {
+    if (M == 1) {
+        const int64_t tiles = (N + NB1 - 1) / NB1;
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t n0 = t * NB1;
+            linear_row(x, w + n0 * ldw, ldw, (int)min64(NB1, N - n0), K, y + n0, bias ? bias + n0 : NULL);
+        }
+        return;
+    }
+    const int64_t tiles = (N + NB - 1) / NB;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n0 = t * NB;
+        const int C = (int)min64(NB, N - n0);
+        const float *wt = w + n0 * ldw, *bt = bias ? bias + n0 : NULL;
+        for (int64_t m0 = 0; m0 < M; m0 += RB) {
+            const float *xt = x + m0 * ldx;
+            float *yt = y + m0 * ldy + n0;
+            switch (min64(RB, M - m0)) { /* constant R: the row loop unrolls */
+            case 4: linear_tile(xt, ldx, 4, wt, ldw, C, K, yt, ldy, bt); break;
+            case 3: linear_tile(xt, ldx, 3, wt, ldw, C, K, yt, ldy, bt); break;
+            case 2: linear_tile(xt, ldx, 2, wt, ldw, C, K, yt, ldy, bt); break;
+            default: linear_tile(xt, ldx, 1, wt, ldw, C, K, yt, ldy, bt); break;
+            }
+        }
+    }
+}
+
+/* ---- RMSNorm -------------------------------------------------------------------------------------
+ * With residual (not NULL): residual = x + residual, then out = w * norm(residual); else out = w *
+ * norm(x). x, residual and out are [M, H] contiguous rows. The sum of squares is accumulated in
+ * double: the result rounds as torch's fp32 mean would round the exact value. */
+void f32_rms_norm(const float *x, float *residual, const float *w, int64_t M, int64_t H, double eps, float *out) {
+#pragma omp parallel for schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * H;
+        float *rr = residual ? residual + m * H : NULL;
+        double ss = 0.0;
+        for (int64_t i = 0; i < H; i++) {
+            float v = xr[i];
+            if (rr) {
+                v += rr[i];
+                rr[i] = v;
+            }
+            ss += (double)v * v;
+        }
+        const float inv = (float)(1.0 / sqrt(ss / (double)H + eps));
+        const float *src = rr ? rr : xr;
+        float *o = out + m * H;
+        for (int64_t i = 0; i < H; i++) o[i] = w[i] * (src[i] * inv);
+    }
+}
+
+/* ---- silu(gate) * up: x [M, 2I] (gate then up), out [M, I] ----------------------------------------- */
+void f32_silu_and_mul(const float *x, int64_t M, int64_t I, float *out) {
+#pragma omp parallel for schedule(static) if (M * I > 65536)
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = x + m * 2 * I, *u = g + I;
+        float *o = out + m * I;
+        int64_t i = 0;
+#ifdef F32_AVX2
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) o[i] = g[i] / (1.f + exp1(-g[i])) * u[i];
+    }
+}
+
+/* ---- rotary embedding, rotate-half layout, in place ------------------------------------------------
+ * q [T, H, D] and k [T, KVH, D] with token strides ldq and ldk (heads contiguous, D apart);
+ * cos_sin [max_pos, D]: cos of the D/2 frequencies, then their sin. */
+static void rotate_heads(float *x, int64_t heads, int64_t D, const float *c, const float *s) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *a = x + h * D, *b = a + half;
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = a[i], x2 = b[i];
+            a[i] = x1 * c[i] - x2 * s[i];
+            b[i] = x2 * c[i] + x1 * s[i];
+        }
+    }
+}
+
+void f32_rotary(float *q, int64_t ldq, float *k, int64_t ldk, const int64_t *positions, int64_t T, int64_t H,
+                int64_t KVH, int64_t D, const float *cos_sin) {
+#pragma omp parallel for schedule(static) if (T > 16)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_sin + positions[t] * D, *s = c + D / 2;
+        rotate_heads(q + t * ldq, H, D, c, s);
+        rotate_heads(k + t * ldk, KVH, D, c, s);
+    }
+}
+
+/* ---- KV-cache write: rows of k / v [T, W] (token strides ldk, ldv) to cache slots (-1: skip) ---- */
+void f32_write_kv(const float *k, int64_t ldk, const float *v, int64_t ldv, const int64_t *slots, int64_t T,
+                  int64_t W, float *k_cache, float *v_cache) {
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;
+        memcpy(k_cache + s * W, k + t * ldk, (size_t)W * sizeof(float));
+        memcpy(v_cache + s * W, v + t * ldv, (size_t)W * sizeof(float));
+    }
+}
+
+/* ---- decode attention over the paged cache ---------------------------------------------------------
+ * q [B, H, D] (row stride ldq), one query token per request, whose K/V is in the cache already;
+ * caches [num_blocks, BS, KVH, D]; block_tables [B, max_blocks] int32; seq_lens [B] int32;
+ * out [B, H, D] contiguous. Work items are (request, KV head): the GQA group of H / KVH query heads
+ * reads each key and value once. Softmax runs online over chunks of CH keys. */
+#define CH 32
+#define MAXG 16
+
+/* s[j] = scale * dot(q, k_j) for n keys, four at a time (four independent FMA chains); every key's
+ * sum is reduced the same way whichever group of four it falls in. */
+static inline void attn_scores(const float *q, const float *const *kp, int64_t n, int64_t D, float scale, float *s) {
+    int64_t j = 0;
+#ifdef F32_AVX2
+    for (; j + 4 <= n; j += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j] + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j + 1] + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j + 2] + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j + 3] + d), a3);
+        }
+        s[j] = hsum8(a0) * scale;
+        s[j + 1] = hsum8(a1) * scale;
+        s[j + 2] = hsum8(a2) * scale;
+        s[j + 3] = hsum8(a3) * scale;
+    }
+    for (; j < n; j++) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kp[j] + d), a0);
+        s[j] = hsum8(a0) * scale;
+    }
+#else
+    for (; j < n; j++) {
+        float a = 0.f;
+        for (int64_t d = 0; d < D; d++) a += q[d] * kp[j][d];
+        s[j] = a * scale;
+    }
+#endif
+}
+
+/* o = o * alpha + sum_j p[j] * v_j, 64 channels at a time: eight independent accumulators. */
+static inline void attn_accumulate(float *o, float alpha, const float *p, const float *const *vp, int64_t n, int64_t D) {
+#ifdef F32_AVX2
+    const __m256 av = _mm256_set1_ps(alpha);
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8 * i), av);
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *v = vp[j] + d0;
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+    }
+    for (; d0 < D; d0 += 8) {
+        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o + d0), av);
+        for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(vp[j] + d0), acc);
+        _mm256_storeu_ps(o + d0, acc);
+    }
+#else
+    for (int64_t d = 0; d < D; d++) {
+        float acc = o[d] * alpha;
+        for (int64_t j = 0; j < n; j++) acc += p[j] * vp[j][d];
+        o[d] = acc;
+    }
+#endif
+}
+
+void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
+                                const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
+                                int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, float *out) {
+    const int64_t G = H / KVH;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < B * KVH; item++) {
+        const int64_t b = item / KVH, kh = item % KVH;
+        const int64_t L = seq_lens[b];
+        const int32_t *table = block_tables + b * max_blocks;
+        const float *qb = q + b * ldq + kh * G * D;
+        float *ob = out + (b * H + kh * G) * D;
+        float m[MAXG], l[MAXG], sc[MAXG][CH];
+        for (int64_t g = 0; g < G; g++) {
+            m[g] = -INFINITY;
+            l[g] = 0.f;
+            memset(ob + g * D, 0, (size_t)D * sizeof(float));
+        }
+        for (int64_t j0 = 0; j0 < L; j0 += CH) {
+            const int64_t n = min64(CH, L - j0);
+            const float *kp[CH], *vp[CH];
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t pos = j0 + j;
+                const int64_t off = ((int64_t)table[pos / BS] * BS + pos % BS) * KVH + kh;
+                kp[j] = k_cache + off * D;
+                vp[j] = v_cache + off * D;
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const float *qg = qb + g * D;
+                attn_scores(qg, kp, n, D, scale, sc[g]);
+                float cmax = -INFINITY;
+                for (int64_t j = 0; j < n; j++) cmax = sc[g][j] > cmax ? sc[g][j] : cmax;
+                const float mnew = cmax > m[g] ? cmax : m[g];
+                const float alpha = exp1(m[g] - mnew); /* 0 on the first chunk (m = -inf) */
+                int64_t j = 0;
+#ifdef F32_AVX2
+                const __m256 mv = _mm256_set1_ps(mnew);
+                for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc[g] + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + j), mv)));
+#endif
+                for (; j < n; j++) sc[g][j] = exp1(sc[g][j] - mnew);
+                float csum = 0.f;
+                for (j = 0; j < n; j++) csum += sc[g][j];
+                l[g] = l[g] * alpha + csum;
+                m[g] = mnew;
+                attn_accumulate(ob + g * D, alpha, sc[g], vp, n, D);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const float inv = 1.f / l[g];
+            for (int64_t d = 0; d < D; d++) ob[g * D + d] *= inv;
+        }
+    }
+}
+
+int64_t f32_max_group(void) { return MAXG; }
+
+/* ---- kernel plans: a decode step's kernels replayed in one call ------------------------------------
+ * Each kernel has a twin taking its arguments as one int64 array (pointers and integers as they are,
+ * a float or double by its bits), so a recorded sequence of calls can run from C without returning
+ * to Python between them (engine/kernels/cpu/plan.py). */
+typedef void (*plan_fn)(const int64_t *);
+
+static inline float bits_f32(int64_t v) {
+    const int32_t b = (int32_t)v;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+static inline double bits_f64(int64_t v) {
+    double d;
+    memcpy(&d, &v, sizeof d);
+    return d;
+}
+#define P(i, T) ((T)(intptr_t)a[i])
+
+void f32_linear_a(const int64_t *a) {
+    f32_linear(P(0, const float *), a[1], a[2], a[3], P(4, const float *), a[5], a[6], P(7, const float *),
+               P(8, float *), a[9]);
+}
+void f32_rms_norm_a(const int64_t *a) {
+    f32_rms_norm(P(0, const float *), P(1, float *), P(2, const float *), a[3], a[4], bits_f64(a[5]), P(6, float *));
+}
+void f32_silu_and_mul_a(const int64_t *a) { f32_silu_and_mul(P(0, const float *), a[1], a[2], P(3, float *)); }
+void f32_rotary_a(const int64_t *a) {
+    f32_rotary(P(0, float *), a[1], P(2, float *), a[3], P(4, const int64_t *), a[5], a[6], a[7], a[8],
+               P(9, const float *));
+}
+void f32_write_kv_a(const int64_t *a) {
+    f32_write_kv(P(0, const float *), a[1], P(2, const float *), a[3], P(4, const int64_t *), a[5], a[6],
+                 P(7, float *), P(8, float *));
+}
+void f32_paged_decode_attention_a(const int64_t *a) {
+    f32_paged_decode_attention(P(0, const float *), a[1], P(2, const float *), P(3, const float *),
+                               P(4, const int32_t *), a[5], P(6, const int32_t *), a[7], a[8], a[9], a[10], a[11],
+                               bits_f32(a[12]), P(13, float *));
+}
+
+/* fns[i] is called with args + offsets[i], in order. */
+void f32_run_plan(int64_t n, const int64_t *fns, const int64_t *offsets, const int64_t *args) {
+    for (int64_t i = 0; i < n; i++) ((plan_fn)(intptr_t)fns[i])(args + offsets[i]);
+}

@@ -1,0 +1,141 @@
+"""The fp32 CPU kernels of fp32_cpu.c, through ctypes: matmuls for small batches, RMSNorm, SiLU-and-mul,
+rotary embedding, KV-cache writes and paged decode attention.
+
+Why C: at decode batch sizes most of a step's ops are a few microseconds of arithmetic behind
+several torch dispatches each (about 2,000 per SmolLM2 step), and torch's GEMMs stream a batch-1
+weight at 50-60% of the read bandwidth; one ctypes call costs a couple of microseconds. Callers
+check :func:`load` (None: no compiler, a failed build, or ``ENGINE_CPU_KERNELS=0``) and use torch
+otherwise. Every function takes fp32 CPU tensors; the callers choose when to call them.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from engine.kernels.cpu.build import build
+from engine.kernels.cpu.plan import active_plan, f32_bits, f64_bits, function_address
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fp32_cpu.c")
+
+_p, _i64, _f32, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+
+
+class CpuFp32Kernels:
+    """Typed entry points of one compiled build of fp32_cpu.c. Every call is also recorded into the
+    active kernel plan, if any (engine/kernels/cpu/plan.py)."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))  # shares the libgomp thread pool torch has loaded
+        lib.f32_isa.restype = ctypes.c_char_p
+        lib.f32_max_group.restype = _i64
+        signatures = {
+            "f32_linear": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _i64],
+            "f32_rms_norm": [_p, _p, _p, _i64, _i64, _f64, _p],
+            "f32_silu_and_mul": [_p, _i64, _i64, _p],
+            "f32_rotary": [_p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i64, _p],
+            "f32_write_kv": [_p, _i64, _p, _i64, _p, _i64, _i64, _p, _p],
+            "f32_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _p],
+        }
+        self._fn: dict[str, tuple] = {}
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            self._fn[name] = (fn, function_address(getattr(lib, name + "_a")))
+        lib.f32_run_plan.argtypes = [_i64, _p, _p, _p]
+        self.run_plan = lib.f32_run_plan
+        self.lib, self.path = lib, path
+        self.isa: str = lib.f32_isa().decode()
+        self.max_group = int(lib.f32_max_group())
+
+    def _call(self, name: str, args: tuple, keep: tuple, plan_args: tuple | None = None) -> None:
+        """Runs a kernel; while a plan is recorded, also records it with ``keep``, the tensors
+        (other than weights and caches, which outlive plans) whose memory ``args`` point into."""
+        fn, address = self._fn[name]
+        fn(*args)
+        plan = active_plan()
+        if plan is not None:
+            plan.record(address, args if plan_args is None else plan_args, *keep)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` for x [M, K] (rows contiguous) and a row-major weight [N, K]."""
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._call("f32_linear", (x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
+                                  0 if bias is None else bias.data_ptr(), y.data_ptr(), n), (x, y))
+        return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As ``torch_ref.rms_norm``; with ``residual`` the sum x + residual is written into
+        ``residual`` in place and returned as the new residual stream."""
+        m, h = x.shape
+        out = torch.empty_like(x)
+        args = (x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(), m, h, eps,
+                out.data_ptr())
+        keep = (x, out) if residual is None else (x, out, residual)
+        self._call("f32_rms_norm", args, keep, args[:5] + (f64_bits(eps), args[6]))
+        return out if residual is None else (out, residual)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        m, two_i = x.shape
+        out = torch.empty(m, two_i // 2, dtype=torch.float32)
+        self._call("f32_silu_and_mul", (x.data_ptr(), m, two_i // 2, out.data_ptr()), (x, out))
+        return out
+
+    def rotary_(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                cos_sin_cache: torch.Tensor) -> None:
+        """Rotates query [T, H, D] and key [T, KVH, D] (heads contiguous) in place; positions int64."""
+        t, h, d = query.shape
+        self._call("f32_rotary", (query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0),
+                                  positions.data_ptr(), t, h, key.shape[1], d, cos_sin_cache.data_ptr()),
+                   (query, key, positions, cos_sin_cache))
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        """key/value [T, KVH, D] (heads contiguous) to their int64 slots; -1 is skipped."""
+        self._call("f32_write_kv", (key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+                                    slots.data_ptr(), key.shape[0], key.shape[1] * key.shape[2],
+                                    k_cache.data_ptr(), v_cache.data_ptr()), (key, value, slots))
+
+    def paged_decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               out: torch.Tensor) -> None:
+        """One query token per request over its paged context, into ``out`` [B, H, D] (contiguous).
+        block_tables [B, max_blocks] and seq_lens [B] are int32."""
+        b, h, d = query.shape
+        _, bs, kvh, _ = k_cache.shape
+        args = (query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                block_tables.stride(0), seq_lens.data_ptr(), b, h, kvh, d, bs, scale, out.data_ptr())
+        self._call("f32_paged_decode_attention", args, (query, block_tables, seq_lens, out),
+                   args[:12] + (f32_bits(scale), args[13]))
+
+
+@lru_cache(maxsize=None)
+def load(march: str = "native") -> CpuFp32Kernels | None:
+    """The kernels built for this machine, or None (no compiler, a build error, or
+    ``ENGINE_CPU_KERNELS=0``), in which case callers use torch ops."""
+    if os.environ.get("ENGINE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        kernels = CpuFp32Kernels(build(SOURCE, march))
+    except (RuntimeError, OSError) as e:
+        logger.warning("fp32 CPU kernels unavailable (%s); using torch ops", e)
+        return None
+    logger.info("fp32 CPU kernels: %s build, %s", kernels.isa, kernels.path)
+    return kernels
+
+
+def fp32_cpu_kernels(*tensors: torch.Tensor) -> CpuFp32Kernels | None:
+    """The kernels when every tensor is an fp32 CPU tensor and they could be built, else None."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    return load()

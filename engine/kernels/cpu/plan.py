@@ -1,0 +1,86 @@
+"""Kernel plans: a forward pass of C kernels recorded once, then replayed by one C call.
+
+The CPU counterpart of a CUDA graph. While :func:`recording` is active, every C kernel call made
+through engine/kernels/cpu (and the int8 kernels) also appends its function address and its
+arguments (pointers, sizes) to a :class:`KernelPlan`; the plan keeps the tensors whose memory the
+arguments point into. ``replay()`` hands the whole list to ``f32_run_plan``, which calls the kernels
+in order: no Python, no torch dispatch, no ctypes conversion per kernel in between.
+
+A plan is only correct if *every* computation of the recorded pass was a recorded kernel (a torch
+op in between would not be replayed) and if the inputs live at the recorded addresses; the runner
+that uses plans (engine/worker/cpu_graph.py) checks the first by comparing a replay with an eager
+pass on fresh inputs before it trusts a plan.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+_ACTIVE: "KernelPlan | None" = None
+
+
+def f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def f64_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def function_address(fn) -> int:
+    """The address of a ctypes function (for a plan entry)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class KernelPlan:
+    """An ordered list of kernel calls with their packed arguments."""
+
+    def __init__(self, run_plan) -> None:
+        self._run_plan = run_plan  # the f32_run_plan entry point of fp32_cpu.c
+        self._fns: list[int] = []
+        self._offsets: list[int] = []
+        self._args: list[int] = []
+        self._keep: list[torch.Tensor] = []
+        self._packed: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self._fns)
+
+    def record(self, fn_address: int, args: tuple[int, ...], *keep: torch.Tensor) -> None:
+        self._fns.append(fn_address)
+        self._offsets.append(len(self._args))
+        self._args.extend(int(a) for a in args)
+        self._keep.extend(keep)
+        self._packed = None
+
+    def keep(self, *tensors: torch.Tensor) -> None:
+        """Holds tensors the recorded pointers refer to (outputs, inputs written before a replay)."""
+        self._keep.extend(tensors)
+
+    def replay(self) -> None:
+        if self._packed is None:
+            t = lambda v: torch.tensor(v if v else [0], dtype=torch.int64)  # noqa: E731
+            self._packed = (t(self._fns), t(self._offsets), t(self._args))
+        fns, offsets, args = self._packed
+        self._run_plan(len(self._fns), fns.data_ptr(), offsets.data_ptr(), args.data_ptr())
+
+
+def active_plan() -> KernelPlan | None:
+    return _ACTIVE
+
+
+@contextmanager
+def recording(plan: KernelPlan) -> Iterator[KernelPlan]:
+    """Records every kernel call made inside the block into ``plan`` (the calls still run)."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("a kernel plan is being recorded already")
+    _ACTIVE = plan
+    try:
+        yield plan
+    finally:
+        _ACTIVE = None
