@@ -42,10 +42,12 @@ def test_graph_runner_refuses_cpu():
         CUDAGraphRunner(torch.nn.Identity(), 8, 128, 16, torch.device("cpu"))
 
 
-def test_cpu_engine_runs_eagerly(tiny_model_path):
+def test_cpu_engine_never_uses_cuda_graphs(tiny_model_path):
     from engine.entrypoints.llm import LLM
 
     llm = LLM(str(tiny_model_path), num_gpu_blocks_override=64)
+    assert not isinstance(llm.llm_engine.executor.worker.runner.graph_runner, CUDAGraphRunner)
+    llm = LLM(str(tiny_model_path), num_gpu_blocks_override=64, enforce_eager=True)
     assert llm.llm_engine.executor.worker.runner.graph_runner is None
 
 

@@ -266,10 +266,11 @@ void f32_write_kv(const float *k, int64_t ldk, const float *v, int64_t ldv, cons
 /* ---- decode attention over the paged cache ---------------------------------------------------------
  * q [B, H, D] (row stride ldq), one query token per request, whose K/V is in the cache already;
  * caches [num_blocks, BS, KVH, D]; block_tables [B, max_blocks] int32; seq_lens [B] int32;
- * out [B, H, D] contiguous. Work items are (request, KV head): the GQA group of H / KVH query heads
- * reads each key and value once. Softmax runs online over chunks of CH keys. */
+ * out [B, H, D] contiguous. The GQA group of H / KVH query heads of a KV head reads each of its keys
+ * and values once. Softmax runs online over chunks of CH keys, in order from position 0. */
 #define CH 32
-#define MAXG 16
+#define MAXG 16  /* query heads per KV head */
+#define MAXKV 16 /* KV heads one work item may take */
 
 /* s[j] = scale * dot(q, k_j) for n keys, four at a time (four independent FMA chains); every key's
  * sum is reduced the same way whichever group of four it falls in. */
@@ -304,6 +305,46 @@ static inline void attn_scores(const float *q, const float *const *kp, int64_t n
 #endif
 }
 
+/* The largest of s[0..n), and s[j] = exp(s[j] - m) returning their sum: eight lanes, then the tail;
+ * the order depends on n only. */
+static inline float max_of(const float *s, int64_t n) {
+    float r = -INFINITY;
+    int64_t j = 0;
+#ifdef F32_AVX2
+    if (n >= 8) {
+        __m256 mv = _mm256_loadu_ps(s);
+        for (j = 8; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mv);
+        for (int i = 0; i < 8; i++) r = lanes[i] > r ? lanes[i] : r;
+    }
+#endif
+    for (; j < n; j++) r = s[j] > r ? s[j] : r;
+    return r;
+}
+
+static inline float exp_minus_and_sum(float *s, int64_t n, float m) {
+    float r = 0.f;
+    int64_t j = 0;
+#ifdef F32_AVX2
+    if (n >= 8) {
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 acc = _mm256_setzero_ps();
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+            _mm256_storeu_ps(s + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        r = hsum8(acc);
+    }
+#endif
+    for (; j < n; j++) {
+        s[j] = exp1(s[j] - m);
+        r += s[j];
+    }
+    return r;
+}
+
 /* o = o * alpha + sum_j p[j] * v_j, 64 channels at a time: eight independent accumulators. */
 static inline void attn_accumulate(float *o, float alpha, const float *p, const float *const *vp, int64_t n, int64_t D) {
 #ifdef F32_AVX2
@@ -333,55 +374,80 @@ static inline void attn_accumulate(float *o, float alpha, const float *p, const 
 #endif
 }
 
+/* Asks for the keys and values of the next chunk while this one is computed: blocks sit anywhere in
+ * the cache, so the hardware prefetchers lose the stream at every block boundary. */
+static inline void prefetch_chunk(const float *k_cache, const float *v_cache, const int32_t *table, int64_t j0,
+                                  int64_t n, int64_t BS, int64_t KVH, int64_t kh0, int64_t span, int64_t D) {
+#ifdef F32_AVX2
+    const int64_t row = span * D * (int64_t)sizeof(float); /* bytes of one token's heads in this item */
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t pos = j0 + j, off = (((int64_t)table[pos / BS] * BS + pos % BS) * KVH + kh0) * D;
+        for (int64_t b = 0; b < row; b += 64) {
+            _mm_prefetch((const char *)(k_cache + off) + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)(v_cache + off) + b, _MM_HINT_T0);
+        }
+    }
+#else
+    (void)k_cache; (void)v_cache; (void)table; (void)j0; (void)n; (void)BS; (void)KVH; (void)kh0; (void)span; (void)D;
+#endif
+}
+
+/* Work items are (request, range of KV heads): with many requests one item takes all of a request's
+ * heads, so each chunk of its keys and values (contiguous per token) is read from memory once; with
+ * few, an item is one KV head, for parallelism. Each head sees the same operations either way. */
 void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
                                 int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, float *out) {
     const int64_t G = H / KVH;
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    const int64_t span = (B >= 4 * threads && KVH <= MAXKV) ? KVH : 1; /* KV heads per work item */
+    const int64_t per_request = KVH / span;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * KVH; item++) {
-        const int64_t b = item / KVH, kh = item % KVH;
+    for (int64_t item = 0; item < B * per_request; item++) {
+        const int64_t b = item / per_request, kh0 = (item % per_request) * span;
         const int64_t L = seq_lens[b];
         const int32_t *table = block_tables + b * max_blocks;
-        const float *qb = q + b * ldq + kh * G * D;
-        float *ob = out + (b * H + kh * G) * D;
-        float m[MAXG], l[MAXG], sc[MAXG][CH];
-        for (int64_t g = 0; g < G; g++) {
-            m[g] = -INFINITY;
-            l[g] = 0.f;
-            memset(ob + g * D, 0, (size_t)D * sizeof(float));
+        float m[MAXKV * MAXG], l[MAXKV * MAXG], sc[MAXG][CH];
+        for (int64_t i = 0; i < span * G; i++) {
+            m[i] = -INFINITY;
+            l[i] = 0.f;
         }
+        memset(out + (b * H + kh0 * G) * D, 0, (size_t)(span * G * D) * sizeof(float));
         for (int64_t j0 = 0; j0 < L; j0 += CH) {
             const int64_t n = min64(CH, L - j0);
-            const float *kp[CH], *vp[CH];
+            int64_t tok[CH]; /* cache row of each key of the chunk */
             for (int64_t j = 0; j < n; j++) {
                 const int64_t pos = j0 + j;
-                const int64_t off = ((int64_t)table[pos / BS] * BS + pos % BS) * KVH + kh;
-                kp[j] = k_cache + off * D;
-                vp[j] = v_cache + off * D;
+                tok[j] = (int64_t)table[pos / BS] * BS + pos % BS;
             }
-            for (int64_t g = 0; g < G; g++) {
-                const float *qg = qb + g * D;
-                attn_scores(qg, kp, n, D, scale, sc[g]);
-                float cmax = -INFINITY;
-                for (int64_t j = 0; j < n; j++) cmax = sc[g][j] > cmax ? sc[g][j] : cmax;
-                const float mnew = cmax > m[g] ? cmax : m[g];
-                const float alpha = exp1(m[g] - mnew); /* 0 on the first chunk (m = -inf) */
-                int64_t j = 0;
-#ifdef F32_AVX2
-                const __m256 mv = _mm256_set1_ps(mnew);
-                for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc[g] + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + j), mv)));
-#endif
-                for (; j < n; j++) sc[g][j] = exp1(sc[g][j] - mnew);
-                float csum = 0.f;
-                for (j = 0; j < n; j++) csum += sc[g][j];
-                l[g] = l[g] * alpha + csum;
-                m[g] = mnew;
-                attn_accumulate(ob + g * D, alpha, sc[g], vp, n, D);
+            prefetch_chunk(k_cache, v_cache, table, j0 + CH, min64(CH, L - j0 - CH), BS, KVH, kh0, span, D);
+            for (int64_t kh = kh0; kh < kh0 + span; kh++) {
+                const float *kp[CH], *vp[CH];
+                for (int64_t j = 0; j < n; j++) {
+                    kp[j] = k_cache + (tok[j] * KVH + kh) * D;
+                    vp[j] = v_cache + (tok[j] * KVH + kh) * D;
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t hi = (kh - kh0) * G + g; /* this item's state slot */
+                    attn_scores(q + b * ldq + (kh * G + g) * D, kp, n, D, scale, sc[g]);
+                    const float cmax = max_of(sc[g], n);
+                    const float mnew = cmax > m[hi] ? cmax : m[hi];
+                    const float alpha = exp1(m[hi] - mnew); /* 0 on the first chunk (m = -inf) */
+                    const float csum = exp_minus_and_sum(sc[g], n, mnew);
+                    l[hi] = l[hi] * alpha + csum;
+                    m[hi] = mnew;
+                    attn_accumulate(out + (b * H + kh * G + g) * D, alpha, sc[g], vp, n, D);
+                }
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            const float inv = 1.f / l[g];
-            for (int64_t d = 0; d < D; d++) ob[g * D + d] *= inv;
+        for (int64_t i = 0; i < span * G; i++) {
+            float *o = out + (b * H + kh0 * G + i) * D;
+            const float inv = 1.f / l[i];
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
         }
     }
 }
