@@ -5,7 +5,8 @@ the rest), LM head, sampling, output processing and whatever Python is left.
     python benchmarks/profile_step.py --batch 16 --context 256
 
 Each configuration is warmed up, then ``--steps`` decode steps are timed with wall clocks around the
-engine's parts and the torch profiler inside the model; figures are milliseconds per step.
+engine's parts, a clock around every C kernel call (inside replayed kernel plans too, timed in C),
+and the torch profiler for the torch ops left; figures are milliseconds per step.
 """
 from __future__ import annotations
 
@@ -38,6 +39,38 @@ class Timers:
         setattr(obj, name, timed)
 
 
+def time_c_kernels(runner):
+    """Times every fp32/int8 C kernel from now on, eager calls and calls inside replayed kernel
+    plans (per call, in C); returns a function giving seconds by kernel name so far."""
+    from engine.kernels.cpu import ops as cpu_ops
+
+    totals: dict[str, float] = defaultdict(float)
+    kernels = cpu_ops.load()
+    if kernels is not None:
+        call = kernels._call
+
+        def timed(name, args, keep, plan_args=None):
+            t = time.perf_counter()
+            try:
+                return call(name, args, keep, plan_args)
+            finally:
+                totals[name] += time.perf_counter() - t
+
+        kernels._call = timed
+    plans = [p.plan for p in getattr(runner.graph_runner, "plans", {}).values() if p is not None]
+    for plan in plans:
+        plan.profile()
+
+    def seconds() -> dict[str, float]:
+        out = dict(totals)
+        for plan in plans:
+            for name, sec in plan.time_by_kernel().items():
+                out[f"plan: {name}"] = out.get(f"plan: {name}", 0.0) + sec
+        return out
+
+    return seconds
+
+
 def profile(batch: int, context: int, steps: int, seed: int = 0) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -65,11 +98,13 @@ def profile(batch: int, context: int, steps: int, seed: int = 0) -> None:
     timers.wrap(runner, "_forward", "model forward")
     timers.wrap(runner.model, "compute_logits", "LM head")
     timers.wrap(runner, "sampler", "sampling")
+    kernel_time = time_c_kernels(runner)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = (time.perf_counter() - start) / steps * 1e3
     parts = {k: v / steps * 1e3 for k, v in timers.totals.items()}
+    kernels = {k: v / steps * 1e3 for k, v in kernel_time().items()}
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(max(2, steps // 4)):
             engine.step()
@@ -80,13 +115,20 @@ def profile(batch: int, context: int, steps: int, seed: int = 0) -> None:
             ops["matmul"] += evt.self_cpu_time_total / 1e3 / n_prof
         elif evt.key in ATTENTION_OPS:
             ops["attention (gather, SDPA, KV write)"] += evt.self_cpu_time_total / 1e3 / n_prof
-    print(f"\n== batch {batch}, context {context}: {wall:.1f} ms per decode step ({batch / wall * 1e3:.0f} tokens/s)")
+    replayed = getattr(runner.graph_runner, "num_replays", 0)
+    print(f"\n== batch {batch}, context {context}: {wall:.1f} ms per decode step ({batch / wall * 1e3:.0f} tokens/s)"
+          f"{'; decode steps replayed as kernel plans' if replayed else ''}")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:34s} {v:8.2f} ms  {v / wall:6.1%}")
     print(f"  {'engine Python outside these':34s} {wall - sum(parts.values()):8.2f} ms")
-    print("  inside the model and LM head (torch profiler, which slows small ops):")
-    for k, v in ops.items():
-        print(f"    {k:32s} {v:8.2f} ms")
+    if kernels:
+        print("  C kernels (model forward and LM head; 'plan' = inside a replayed plan):")
+        for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]):
+            print(f"    {k:40s} {v:8.2f} ms")
+    if any(ops.values()):
+        print("  torch ops inside the model and LM head (torch profiler, which slows small ops):")
+        for k, v in ops.items():
+            print(f"    {k:40s} {v:8.2f} ms")
     llm.shutdown()
 
 

@@ -48,7 +48,7 @@ class CpuFp32Kernels:
             fn = getattr(lib, name)
             fn.argtypes = argtypes
             self._fn[name] = (fn, function_address(getattr(lib, name + "_a")))
-        lib.f32_run_plan.argtypes = [_i64, _p, _p, _p]
+        lib.f32_run_plan.argtypes = [_i64, _p, _p, _p, _p]
         self.run_plan = lib.f32_run_plan
         self.lib, self.path = lib, path
         self.isa: str = lib.f32_isa().decode()
@@ -61,7 +61,7 @@ class CpuFp32Kernels:
         fn(*args)
         plan = active_plan()
         if plan is not None:
-            plan.record(address, args if plan_args is None else plan_args, *keep)
+            plan.record(name, address, args if plan_args is None else plan_args, *keep)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for x [M, K] (rows contiguous) and a row-major weight [N, K]."""

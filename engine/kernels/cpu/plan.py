@@ -44,13 +44,16 @@ class KernelPlan:
         self._fns: list[int] = []
         self._offsets: list[int] = []
         self._args: list[int] = []
+        self._names: list[str] = []
         self._keep: list[torch.Tensor] = []
         self._packed: tuple | None = None
+        self.timings_ns: torch.Tensor | None = None  # per call, accumulated while profiling
 
     def __len__(self) -> int:
         return len(self._fns)
 
-    def record(self, fn_address: int, args: tuple[int, ...], *keep: torch.Tensor) -> None:
+    def record(self, name: str, fn_address: int, args: tuple[int, ...], *keep: torch.Tensor) -> None:
+        self._names.append(name)
         self._fns.append(fn_address)
         self._offsets.append(len(self._args))
         self._args.extend(int(a) for a in args)
@@ -66,7 +69,20 @@ class KernelPlan:
             t = lambda v: torch.tensor(v if v else [0], dtype=torch.int64)  # noqa: E731
             self._packed = (t(self._fns), t(self._offsets), t(self._args))
         fns, offsets, args = self._packed
-        self._run_plan(len(self._fns), fns.data_ptr(), offsets.data_ptr(), args.data_ptr())
+        ns = 0 if self.timings_ns is None else self.timings_ns.data_ptr()
+        self._run_plan(len(self._fns), fns.data_ptr(), offsets.data_ptr(), args.data_ptr(), ns)
+
+    def profile(self, on: bool = True) -> None:
+        """Starts (or stops) timing every call of later replays into ``timings_ns``."""
+        self.timings_ns = torch.zeros(len(self._fns), dtype=torch.int64) if on else None
+
+    def time_by_kernel(self) -> dict[str, float]:
+        """Seconds spent in each kernel (by name) over the replays since :meth:`profile`."""
+        out: dict[str, float] = {}
+        if self.timings_ns is not None:
+            for name, ns in zip(self._names, self.timings_ns.tolist()):
+                out[name] = out.get(name, 0.0) + ns / 1e9
+        return out
 
 
 def active_plan() -> KernelPlan | None:

@@ -24,8 +24,8 @@ class LinearMethod(ABC):
 
 # Up to this many rows the fp32 CPU kernel beats torch's GEMM (which wins on large batches); wide
 # weights (an LM head) keep the kernel's advantage further (docs/performance.md).
-CPU_KERNEL_MAX_ROWS = 32
-CPU_KERNEL_MAX_ROWS_WIDE = 128
+CPU_KERNEL_MAX_ROWS = 64
+CPU_KERNEL_MAX_ROWS_WIDE = 192
 WIDE_OUT_FEATURES = 8192
 
 

@@ -108,7 +108,7 @@ class CpuInt8Kernels:
         self.lib.q8_w8a8(*args)
         plan = active_plan()
         if plan is not None:  # a decode step being recorded (engine/kernels/cpu/plan.py)
-            plan.record(self._w8a8_address, args, x, y)
+            plan.record("q8_w8a8", self._w8a8_address, args, x, y)
         return y
 
     def pack_w8(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> PackedInt8:
