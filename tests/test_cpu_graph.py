@@ -45,3 +45,12 @@ def test_a_pass_with_torch_ops_in_it_is_refused(tiny_model_path, monkeypatch):
     assert runner.plans.get(3, "missing") is None  # recorded, checked, refused
     assert runner.plans.get(1) is not None  # one row is all C kernels
     assert got == eager
+
+
+def test_plans_of_all_sizes_share_one_set_of_activations(tiny_model_path):
+    _, runner, _ = _generate(tiny_model_path)
+    plans = [p for p in runner.plans.values() if p is not None]
+    assert len(plans) >= 3
+    pointers = [{t.untyped_storage().data_ptr() for t in p.plan._keep} for p in plans]
+    shared = set.intersection(*pointers)
+    assert len(shared) > 10  # the layers' outputs live in the arena, whatever the bucket

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.errors import UnsupportedModelError
 from engine.kernels import torch_ref
-from engine.kernels.cpu.ops import fp32_cpu_kernels
+from engine.kernels.cpu.ops import fp32_cpu_kernels, heads_contiguous
 
 
 def rope_parameters(hf_config: Any) -> tuple[float, dict | None]:
@@ -80,15 +80,11 @@ class RotaryEmbedding(nn.Module):
             from engine.kernels.rotary import rotary_embedding
 
             return rotary_embedding(self._positions, query, key, self.cos_sin_cache)
-        if self._kernels is not None and _heads_contiguous(query) and _heads_contiguous(key):
+        if (self._kernels is not None and fp32_cpu_kernels(query, key) is not None and heads_contiguous(query)
+                and heads_contiguous(key)):
             self._kernels.rotary_(self._positions, query, key, self.cos_sin_cache)
             return query, key
         if self._cos_sin is None:
             self._cos_sin = torch_ref.rotary_cos_sin(self._positions, self.cos_sin_cache)
         cos, sin = self._cos_sin
         return torch_ref.apply_rotary_(query, cos, sin), torch_ref.apply_rotary_(key, cos, sin)
-
-
-def _heads_contiguous(x: torch.Tensor) -> bool:
-    """[T, H, D] whose heads lie D apart within a token (any token stride): the C kernel's layout."""
-    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.dtype == torch.float32

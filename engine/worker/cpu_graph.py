@@ -20,7 +20,7 @@ import torch
 
 from engine.attention.metadata import set_attention_metadata
 from engine.kernels.cpu.ops import CpuFp32Kernels
-from engine.kernels.cpu.plan import KernelPlan, recording
+from engine.kernels.cpu.plan import KernelPlan, PlanArena, recording
 from engine.worker.cuda_graph import StaticDecodeInputs, bucket_for
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class CpuGraphRunner:
         self.embed = embeds[0]
         max_blocks = -(-max_model_len // block_size)
         self.inputs = StaticDecodeInputs.allocate(self.sizes[-1], max_blocks, torch.device("cpu"))
+        self.arena = PlanArena(self.sizes[-1])  # activations shared by all buckets' plans
         self.plans: dict[int, DecodePlan | None] = {}  # None: the bucket failed its check
         self.num_replays = 0
 
@@ -83,7 +84,7 @@ class CpuGraphRunner:
         # the static inputs hold padding rows: slots -1 (nothing is written), one token of context
         self.inputs.fill(0, size, *([torch.empty(0, dtype=torch.int64)] * 4), torch.empty(0, 0, dtype=torch.int32))
         seen: list[torch.Tensor] = []
-        plan = KernelPlan(self.kernels.run_plan)
+        plan = KernelPlan(self.kernels.run_plan, self.arena)
         with recording(plan):
             hidden = self._eager(size, self.inputs.input_ids[:size], lambda m, i, o: seen.append(o))
         if len(seen) != 1 or len(plan) == 0:

@@ -13,11 +13,8 @@ import torch
 from engine.attention.backends.torch_backend import TorchAttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels import torch_ref
-from engine.kernels.cpu.ops import CpuFp32Kernels, fp32_cpu_kernels
-
-
-def _heads_contiguous(x: torch.Tensor) -> bool:
-    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+from engine.kernels.cpu.ops import CpuFp32Kernels, fp32_cpu_kernels, heads_contiguous
+from engine.kernels.cpu.plan import empty
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
@@ -31,7 +28,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if fp32_cpu_kernels(query, key, value, k_cache) is None:
             return False
         group = query.shape[1] // k_cache.shape[2]
-        return (all(_heads_contiguous(t) for t in (query, key, value)) and query.shape[2] % 8 == 0
+        return (all(heads_contiguous(t) for t in (query, key, value)) and query.shape[2] % 8 == 0
                 and group <= self.kernels.max_group and meta.block_tables.dtype == torch.int32
                 and meta.block_tables.stride(1) == 1 and meta.seq_lens.dtype == torch.int32 and meta.slot_mapping.dtype == torch.int64
                 and k_cache.is_contiguous())
@@ -41,7 +38,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return super().forward(query, key, value, k_cache, v_cache, meta, scale)
         self.kernels.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         t, h, d = query.shape
-        out = torch.empty(t, h, d, dtype=query.dtype)
+        out = empty(t, h, d)  # fp32 (checked above); a plan's shared buffer while one is recorded
         nd = meta.num_decodes
         if nd:
             self.kernels.paged_decode_attention(query[:nd], k_cache, v_cache, meta.block_tables[:nd],

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.kernels.cpu.build import build
-from engine.kernels.cpu.plan import active_plan, f32_bits, f64_bits, function_address
+from engine.kernels.cpu.plan import active_plan, empty, f32_bits, f64_bits, function_address
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class CpuFp32Kernels:
         """``x @ weight.T + bias`` for x [M, K] (rows contiguous) and a row-major weight [N, K]."""
         m, k = x.shape
         n = weight.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
+        y = empty(m, n)
         self._call("f32_linear", (x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
                                   0 if bias is None else bias.data_ptr(), y.data_ptr(), n), (x, y))
         return y
@@ -77,7 +77,7 @@ class CpuFp32Kernels:
         """As ``torch_ref.rms_norm``; with ``residual`` the sum x + residual is written into
         ``residual`` in place and returned as the new residual stream."""
         m, h = x.shape
-        out = torch.empty_like(x)
+        out = empty(m, h)
         args = (x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(), m, h, eps,
                 out.data_ptr())
         keep = (x, out) if residual is None else (x, out, residual)
@@ -86,7 +86,7 @@ class CpuFp32Kernels:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         m, two_i = x.shape
-        out = torch.empty(m, two_i // 2, dtype=torch.float32)
+        out = empty(m, two_i // 2)
         self._call("f32_silu_and_mul", (x.data_ptr(), m, two_i // 2, out.data_ptr()), (x, out))
         return out
 
@@ -139,3 +139,9 @@ def fp32_cpu_kernels(*tensors: torch.Tensor) -> CpuFp32Kernels | None:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return None
     return load()
+
+
+def heads_contiguous(x: torch.Tensor) -> bool:
+    """[T, H, D] whose heads lie D apart within a token (any token stride, e.g. a view of a fused
+    QKV output): the layout the rotary, KV-write and attention kernels read."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]

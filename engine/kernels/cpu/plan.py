@@ -36,11 +36,36 @@ def function_address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
+class PlanArena:
+    """Output buffers shared by the plans of every batch size.
+
+    The k-th output a recorded pass allocates is the same tensor, for the same layer, whatever the
+    batch size: [rows, ...] with the same trailing shape. The arena keeps one ``[max_rows, ...]``
+    buffer per k and hands out its first ``rows`` rows, so all plans together hold one set of
+    activations instead of one per bucket (plans run one at a time, and a step's outputs are read
+    before the next replay)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._slots: list[torch.Tensor] = []
+
+    def take(self, k: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        rows, rest = shape[0], tuple(shape[1:])
+        if k == len(self._slots):
+            self._slots.append(torch.empty((self.max_rows, *rest), dtype=dtype))
+        slot = self._slots[k] if k < len(self._slots) else None
+        if slot is None or tuple(slot.shape[1:]) != rest or slot.dtype != dtype or rows > self.max_rows:
+            return torch.empty(shape, dtype=dtype)  # another pass shape: not shared (its check decides)
+        return slot[:rows]
+
+
 class KernelPlan:
     """An ordered list of kernel calls with their packed arguments."""
 
-    def __init__(self, run_plan) -> None:
+    def __init__(self, run_plan, arena: PlanArena | None = None) -> None:
         self._run_plan = run_plan  # the f32_run_plan entry point of fp32_cpu.c
+        self._arena = arena
+        self._allocated = 0
         self._fns: list[int] = []
         self._offsets: list[int] = []
         self._args: list[int] = []
@@ -59,6 +84,13 @@ class KernelPlan:
         self._args.extend(int(a) for a in args)
         self._keep.extend(keep)
         self._packed = None
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An output buffer for a kernel being recorded: from the arena when the plan has one."""
+        if self._arena is None:
+            return torch.empty(shape, dtype=dtype)
+        self._allocated += 1
+        return self._arena.take(self._allocated - 1, shape, dtype)
 
     def keep(self, *tensors: torch.Tensor) -> None:
         """Holds tensors the recorded pointers refer to (outputs, inputs written before a replay)."""
@@ -100,3 +132,9 @@ def recording(plan: KernelPlan) -> Iterator[KernelPlan]:
         yield plan
     finally:
         _ACTIVE = None
+
+
+def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs: while a plan is recorded, its (shared) buffer instead."""
+    plan = _ACTIVE
+    return torch.empty(shape, dtype=dtype) if plan is None else plan.empty(shape, dtype)

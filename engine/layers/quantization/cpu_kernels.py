@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from engine.kernels.cpu.build import build as build_source
 from engine.kernels.cpu.plan import active_plan, function_address
+from engine.kernels.cpu.plan import empty as plan_empty
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class CpuInt8Kernels:
         """x [M, K] fp32 -> [M, N] fp32: int8 activations per row and group, exact int32 products."""
         x = _rows(x)
         m = x.shape[0]
-        y = torch.empty(m, w.n, dtype=torch.float32)
+        y = plan_empty(m, w.n)
         args = (x.data_ptr(), m, w.k, x.stride(0), w.group, w.packed.data_ptr(),
                 0 if w.comp is None else w.comp.data_ptr(), w.scale.data_ptr(),
                 0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), w.n, w.n)

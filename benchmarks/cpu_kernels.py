@@ -1,0 +1,123 @@
+"""The fp32 C kernels (engine/kernels/cpu) against torch, in one run, on SmolLM2-135M's shapes.
+
+    python benchmarks/cpu_kernels.py            # about a minute
+    python benchmarks/cpu_kernels.py --quick
+
+- matmuls: the 120 linear layers of one step (30 x qkv 960x576, o 576x576, gate_up 3072x576, down
+  576x1536) and the 49,152 x 576 LM head, for 1..192 rows: the C kernel (row-major weights) against
+  torch's ``F.linear`` with the column-major weights the engine gives it when the kernel is off; GB/s
+  of weights streamed at one row, GFLOP/s at more;
+- decode attention over a paged cache (9 query / 3 KV heads of 64, 30 layers): the C kernel against
+  the torch backend (gather each request's blocks, then SDPA), and the KV bytes it reads per second;
+- read bandwidth and the fp32 2048^3 matmul rate measured in the same run, as the ceilings.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_matmuls(kernels, rows: list[int], repeats: int) -> None:
+    torch.manual_seed(0)
+    layers = [torch.randn(n, k) for _ in range(30) for n, k in LAYER_SHAPES]
+    layers_cm = [w.t().contiguous().t() for w in layers]
+    head = torch.randn(49152, 576)
+    head_cm = head.t().contiguous().t()
+    layer_bytes = sum(w.numel() * 4 for w in layers)
+    print(f"\n{'rows':>5s} | {'120 layers: torch':>18s} {'C':>9s} {'C x':>6s} | {'LM head: torch':>15s} {'C':>9s} {'C x':>6s}"
+          f" | C at this size")
+    for m in rows:
+        xs = {k: torch.randn(m, k) for k in (576, 1536)}
+        t_torch = best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in layers_cm], repeats)
+        t_c = best_of(lambda: [kernels.linear(xs[w.shape[1]], w) for w in layers], repeats)
+        h_torch = best_of(lambda: F.linear(xs[576], head_cm), repeats)
+        h_c = best_of(lambda: kernels.linear(xs[576], head), repeats)
+        flops = 2 * m * layer_bytes / 4
+        rate = f"{layer_bytes / t_c / 1e9:5.1f} GB/s of weights" if m == 1 else f"{flops / t_c / 1e9:5.0f} GFLOP/s"
+        print(f"{m:5d} | {t_torch * 1e3:15.2f} ms {t_c * 1e3:6.2f} ms {t_torch / t_c:5.2f}x | "
+              f"{h_torch * 1e3:12.2f} ms {h_c * 1e3:6.2f} ms {h_torch / h_c:5.2f}x | {rate}")
+
+
+def bench_attention(kernels, configs: list[tuple[int, int]], repeats: int) -> None:
+    from engine.attention.backends.torch_backend import TorchAttentionBackend
+    from engine.attention.metadata import AttentionMetadata
+
+    bs, h, kvh, d, layers = 16, 9, 3, 64, 30
+    print(f"\n{'batch':>5s} {'context':>8s} | {'torch backend':>14s} {'C kernel':>9s} {'C x':>6s} | C reads KV at")
+    for b, ctx in configs:
+        rng = random.Random(b * ctx)
+        lens = [rng.randint(max(1, ctx // 2), ctx) for _ in range(b)]
+        nblocks = [-(-n // bs) for n in lens]
+        total = sum(nblocks) + 1
+        perm = torch.randperm(total).tolist()
+        tables = torch.zeros(b, max(nblocks), dtype=torch.int32)
+        i = 0
+        for r, nb in enumerate(nblocks):
+            tables[r, :nb] = torch.tensor(perm[i : i + nb], dtype=torch.int32)
+            i += nb
+        k_cache, v_cache = torch.randn(total, bs, kvh, d), torch.randn(total, bs, kvh, d)
+        q = torch.randn(b, h, d)
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((b,), -1, dtype=torch.int64), query_start_loc=torch.arange(b + 1, dtype=torch.int32),
+            seq_lens=seq_lens, block_tables=tables, num_decodes=b, max_query_len=1, max_seq_len=max(lens),
+            max_decode_seq_len=max(lens), block_size=bs, query_start_loc_host=list(range(b + 1)), seq_lens_host=lens,
+        )
+        torch_backend = TorchAttentionBackend()
+        kv = torch.empty(b, kvh, d)
+        out = torch.empty(b, h, d)
+        t_torch = best_of(lambda: [torch_backend.forward(q, kv, kv, k_cache, v_cache, meta, d**-0.5)
+                                   for _ in range(layers)], repeats)
+        t_c = best_of(lambda: [kernels.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d**-0.5, out)
+                               for _ in range(layers)], repeats)
+        kv_bytes = layers * sum(lens) * kvh * d * 4 * 2
+        print(f"{b:5d} {ctx:8d} | {t_torch * 1e3:11.2f} ms {t_c * 1e3:6.2f} ms {t_torch / t_c:5.2f}x | "
+              f"{kv_bytes / t_c / 1e9:5.1f} GB/s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    from ceilings import measure
+
+    from engine.kernels.cpu.ops import load
+    from engine.worker.cpu_runtime import configure_cpu_runtime
+
+    configure_cpu_runtime()
+    kernels = load()
+    if kernels is None:
+        print("the fp32 C kernels could not be built here (no gcc?): nothing to compare")
+        return
+    c = measure(quick=True)
+    print(f"{kernels.isa} build, {torch.get_num_threads()} threads; ceilings in this run: read {c.read_gbps:.1f} GB/s, "
+          f"fp32 matmul {c.fp32_gflops:.0f} GFLOP/s")
+    repeats = 2 if args.quick else 5
+    bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192], repeats)
+    bench_attention(kernels, [(1, 512), (64, 256)] if args.quick else [(1, 128), (1, 2048), (16, 512), (64, 256),
+                                                                       (64, 512)], repeats)
+
+
+if __name__ == "__main__":
+    main()
