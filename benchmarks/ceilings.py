@@ -53,7 +53,8 @@ class ModelCosts:
         return c.fp32_gflops * 1e9 / (self.flops_per_token + context * self.attn_flops_per_ctx_token)
 
 
-def _best(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (after one warm-up call)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -68,8 +69,8 @@ def measure_bandwidth(mib: int = 512, repeats: int = 7) -> tuple[float, float]:
     n = mib * (1 << 20) // 4
     src = torch.ones(n)
     dst = torch.empty_like(src)
-    read = src.numel() * 4 / _best(lambda: src.sum(), repeats) / 1e9
-    copy = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeats) / 1e9
+    read = src.numel() * 4 / best_time(lambda: src.sum(), repeats) / 1e9
+    copy = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats) / 1e9
     return read, copy
 
 
@@ -82,7 +83,7 @@ def measure_matmul(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     else:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         fn = lambda: torch.mm(a, b)  # noqa: E731
-    return 2 * n**3 / _best(fn, repeats) / 1e9
+    return 2 * n**3 / best_time(fn, repeats) / 1e9
 
 
 def measure(quick: bool = False) -> Ceilings:

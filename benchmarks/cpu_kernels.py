@@ -17,25 +17,15 @@ import argparse
 import os
 import random
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ceilings import best_time, measure  # noqa: E402
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def bench_matmuls(kernels, rows: list[int], repeats: int) -> None:
@@ -49,10 +39,10 @@ def bench_matmuls(kernels, rows: list[int], repeats: int) -> None:
           f" | C at this size")
     for m in rows:
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
-        t_torch = best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in layers_cm], repeats)
-        t_c = best_of(lambda: [kernels.linear(xs[w.shape[1]], w) for w in layers], repeats)
-        h_torch = best_of(lambda: F.linear(xs[576], head_cm), repeats)
-        h_c = best_of(lambda: kernels.linear(xs[576], head), repeats)
+        t_torch = best_time(lambda: [F.linear(xs[w.shape[1]], w) for w in layers_cm], repeats)
+        t_c = best_time(lambda: [kernels.linear(xs[w.shape[1]], w) for w in layers], repeats)
+        h_torch = best_time(lambda: F.linear(xs[576], head_cm), repeats)
+        h_c = best_time(lambda: kernels.linear(xs[576], head), repeats)
         flops = 2 * m * layer_bytes / 4
         rate = f"{layer_bytes / t_c / 1e9:5.1f} GB/s of weights" if m == 1 else f"{flops / t_c / 1e9:5.0f} GFLOP/s"
         print(f"{m:5d} | {t_torch * 1e3:15.2f} ms {t_c * 1e3:6.2f} ms {t_torch / t_c:5.2f}x | "
@@ -87,9 +77,9 @@ def bench_attention(kernels, configs: list[tuple[int, int]], repeats: int) -> No
         torch_backend = TorchAttentionBackend()
         kv = torch.empty(b, kvh, d)
         out = torch.empty(b, h, d)
-        t_torch = best_of(lambda: [torch_backend.forward(q, kv, kv, k_cache, v_cache, meta, d**-0.5)
+        t_torch = best_time(lambda: [torch_backend.forward(q, kv, kv, k_cache, v_cache, meta, d**-0.5)
                                    for _ in range(layers)], repeats)
-        t_c = best_of(lambda: [kernels.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d**-0.5, out)
+        t_c = best_time(lambda: [kernels.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d**-0.5, out)
                                for _ in range(layers)], repeats)
         kv_bytes = layers * sum(lens) * kvh * d * 4 * 2
         print(f"{b:5d} {ctx:8d} | {t_torch * 1e3:11.2f} ms {t_c * 1e3:6.2f} ms {t_torch / t_c:5.2f}x | "
@@ -100,8 +90,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    from ceilings import measure
-
     from engine.kernels.cpu.ops import load
     from engine.worker.cpu_runtime import configure_cpu_runtime
 

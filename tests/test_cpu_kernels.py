@@ -153,3 +153,22 @@ def test_kernels_can_be_turned_off(monkeypatch):
         ops.load.cache_clear()
     assert ops.fp32_cpu_kernels(torch.zeros(1)) is not None
     assert ops.fp32_cpu_kernels(torch.zeros(1, dtype=torch.bfloat16)) is None
+
+
+def test_the_portable_build_without_avx2_gives_the_same_results(kernels):
+    """Machines without AVX2 get the plain-C paths of the same source (-march=x86-64)."""
+    from engine.kernels.cpu.build import build
+
+    portable = ops.CpuFp32Kernels(build(ops.SOURCE, "x86-64"))
+    assert portable.isa == "generic" and kernels.isa in ("avx2", "generic")
+    torch.manual_seed(4)
+    x, w, b = torch.randn(5, 77), torch.randn(19, 77), torch.randn(19)
+    torch.testing.assert_close(portable.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    g = torch.randn(3, 2 * 21) * 4
+    torch.testing.assert_close(portable.silu_and_mul(g), F.silu(g[:, :21]) * g[:, 21:], rtol=2e-6, atol=1e-6)
+    k_cache, v_cache, tables, seq_lens = _paged([1, 40, 70], 16, 3, 64, seed=5)
+    q = torch.randn(3, 9, 64)
+    out = torch.empty_like(q)
+    portable.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, out)
+    ref = torch_ref.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)

@@ -2,8 +2,8 @@
 through SDPA as in the torch backend.
 
 The decode kernel reads each request's K/V straight from its blocks (no gather into a workspace)
-and each KV head once for its whole GQA group of query heads: at 64 requests of 256-token context
-a layer's decode attention drops from ~6 ms to ~1.2 ms (docs/performance.md). Any other dtype or
+and each KV head once for its whole GQA group of query heads: at 64 requests of 128-256 tokens of
+context a layer's decode attention drops from ~4 ms to ~0.7 ms (docs/performance.md). Any other dtype or
 layout falls back to the torch backend it extends.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return False
         group = query.shape[1] // k_cache.shape[2]
         return (all(heads_contiguous(t) for t in (query, key, value)) and query.shape[2] % 8 == 0
-                and group <= self.kernels.max_group and meta.block_tables.dtype == torch.int32
-                and meta.block_tables.stride(1) == 1 and meta.seq_lens.dtype == torch.int32 and meta.slot_mapping.dtype == torch.int64
-                and k_cache.is_contiguous())
+                and group <= self.kernels.max_group and k_cache.is_contiguous()
+                and meta.block_tables.dtype == torch.int32 and meta.block_tables.stride(1) == 1
+                and meta.seq_lens.dtype == torch.int32 and meta.slot_mapping.dtype == torch.int64)
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if not self._usable(query, key, value, k_cache, meta):

@@ -1,8 +1,8 @@
 """Chooses the attention backend once at start-up.
 
-``auto`` is Triton on CUDA, the C kernels on CPU where they build (``cpu``), and torch otherwise. Backend modules are imported lazily: only the chosen one is
-loaded, so triton (whose interpreter mode is fixed when it is imported) and the optional xformers are never
-pulled in by a CPU run.
+``auto`` is Triton on CUDA, the C kernels on CPU where they build (``cpu``), and torch otherwise.
+Backend modules are imported lazily: only the chosen one is loaded, so triton (whose interpreter mode
+is fixed when it is imported) and the optional xformers are never pulled in by a CPU run.
 """
 from __future__ import annotations
 
