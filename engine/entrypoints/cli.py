@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from engine.attention.backends.selector import BACKENDS
 from engine.config import EngineArgs
 from engine.errors import EngineError
 
@@ -28,7 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "xformers"])
+    g.add_argument("--attention-backend", default="auto", choices=list(BACKENDS))
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])
     g.add_argument("--quantization", default=None, choices=["int8"])
