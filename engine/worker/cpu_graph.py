@@ -99,7 +99,7 @@ class CpuGraphRunner:
         if not torch.equal(decode.hidden, expected):
             logger.info("decode steps of %d requests run eagerly: their pass is not all C kernels", size)
             return None
-        logger.info("recorded a kernel plan for decode steps of %d requests (%d kernels)", size, len(plan))
+        logger.debug("recorded a kernel plan for decode steps of %d requests (%d kernels)", size, len(plan))
         return decode
 
     def _replay(self, decode: DecodePlan, size: int) -> None:
