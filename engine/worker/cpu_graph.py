@@ -82,7 +82,7 @@ class CpuGraphRunner:
     @torch.inference_mode()
     def _record(self, size: int) -> DecodePlan | None:
         # the static inputs hold padding rows: slots -1 (nothing is written), one token of context
-        self.inputs.fill(0, size, *([torch.empty(0, dtype=torch.int64)] * 4), torch.empty(0, 0, dtype=torch.int32))
+        self.inputs.pad(0, size)
         seen: list[torch.Tensor] = []
         plan = KernelPlan(self.kernels.run_plan, self.arena)
         with recording(plan):

@@ -71,12 +71,16 @@ class StaticDecodeInputs:
         self.seq_lens[:n].copy_(seq_lens)
         width = block_tables.shape[1]
         self.block_tables[:n, :width].copy_(block_tables)
-        if bucket > n:
-            self.input_ids[n:bucket].zero_()
-            self.positions[n:bucket].zero_()
-            self.slot_mapping[n:bucket].fill_(-1)
-            self.seq_lens[n:bucket].fill_(1)
-            self.block_tables[n:bucket].zero_()
+        self.pad(n, bucket)
+
+    def pad(self, start: int, end: int) -> None:
+        """Makes rows ``start..end`` padding: slot -1, one token of context in block 0."""
+        if end > start:
+            self.input_ids[start:end].zero_()
+            self.positions[start:end].zero_()
+            self.slot_mapping[start:end].fill_(-1)
+            self.seq_lens[start:end].fill_(1)
+            self.block_tables[start:end].zero_()
 
     def metadata(self, bucket: int, block_size: int, max_model_len: int) -> AttentionMetadata:
         """Metadata over the first ``bucket`` rows, sized for the longest possible context."""
