@@ -30,7 +30,6 @@ class Ceilings:
     bf16_gflops: float
     int8_gops: float  # torch._int_mm, int32 accumulation
 
-
     def best(self, other: "Ceilings") -> "Ceilings":
         """The higher of two measurements of each figure: on a noisy machine the fractions reported
         against ceilings measured at two moments are then never flattered by a slow moment."""

@@ -51,10 +51,10 @@ class PlanArena:
 
     def take(self, k: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         rows, rest = shape[0], tuple(shape[1:])
-        if k == len(self._slots):
+        if k == len(self._slots):  # outputs are numbered from 0 in every pass: k never skips ahead
             self._slots.append(torch.empty((self.max_rows, *rest), dtype=dtype))
-        slot = self._slots[k] if k < len(self._slots) else None
-        if slot is None or tuple(slot.shape[1:]) != rest or slot.dtype != dtype or rows > self.max_rows:
+        slot = self._slots[k]
+        if tuple(slot.shape[1:]) != rest or slot.dtype != dtype or rows > self.max_rows:
             return torch.empty(shape, dtype=dtype)  # another pass shape: not shared (its check decides)
         return slot[:rows]
 
