@@ -1,20 +1,32 @@
 """Engine configuration: the flat user-facing arguments and the grouped configs built from them."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.errors import ModelNotFoundError, UnsupportedModelError
+from engine.layers.quantization import quantization_methods
+from engine.models.hf_config import load_hf_config  # also importable from here (tests, benchmarks)
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-}
+
+class PreemptionMode(str, Enum):
+    """How a preempted request gives its KV blocks back. A ``str``, so ``"swap"`` compares equal
+    to ``PreemptionMode.SWAP`` and users keep passing plain strings."""
+
+    RECOMPUTE = "recompute"  # drop the blocks; the tokens are recomputed (mostly prefix-cache hits)
+    SWAP = "swap"  # copy the blocks to host memory and back
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _one_of(names: list[str]) -> str:
+    """``'a' or 'b'``: how the validation messages list the allowed values."""
+    return " or ".join(repr(n) for n in names)
+
 
 _DTYPES = {
     "float32": torch.float32,
@@ -80,9 +92,17 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
-    policy: str = "fcfs"
-    preemption_mode: str = "recompute"
+    policy: str = "fcfs"  # a name in engine.scheduler.policy.POLICIES
+    preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
     enable_chunked_prefill: bool = True
+    # speculative decoding: KV slots past a step's tokens that a draft model writes its proposals'
+    # K/V into before the next step (engine/spec_decode/config.py)
+    num_lookahead_slots: int = 0
+
+    @property
+    def preempts_by_swap(self) -> bool:
+        """Preemption swaps blocks to host memory (when room is left there)."""
+        return self.preemption_mode == PreemptionMode.SWAP
 
 
 @dataclass
@@ -123,22 +143,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, hf_config: Any
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of 'auto', {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def load_hf_config(path: Path) -> Any:
-    from transformers import AutoConfig
-
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ModelNotFoundError(f"{cfg_file} is missing: a model directory needs config.json, *.safetensors and tokenizer files")
-    raw = json.loads(cfg_file.read_text())
-    archs = raw.get("architectures") or []
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"architecture {archs[0] if archs else '(none listed in config.json)'} is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
-    return AutoConfig.from_pretrained(str(path))
 
 
 @dataclass
@@ -182,18 +186,22 @@ class EngineArgs:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
-        if self.preemption_mode == "swap" and not self.swap_space > 0:
+        modes = [m.value for m in PreemptionMode]
+        if self.preemption_mode not in modes:
+            raise ValueError(f"preemption_mode must be {_one_of(modes)}, got {self.preemption_mode!r}")
+        if self.preemption_mode == PreemptionMode.SWAP and not self.swap_space > 0:
             raise ValueError("preemption_mode='swap' needs swap_space > 0 (GiB of host memory for swapped-out blocks)")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        # imported here: the engine.scheduler package imports this module when it is imported
+        from engine.scheduler.policy import policy_names
+
+        if self.scheduling_policy not in policy_names():
+            raise ValueError(f"scheduling_policy must be {_one_of(policy_names())}, got {self.scheduling_policy!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in quantization_methods():
+            raise ValueError(f"quantization must be None or {_one_of(quantization_methods())}, got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -236,13 +244,15 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             swap_space_bytes=int(self.swap_space * (1 << 30)),
         )
+        speculative = _speculative_config(self.speculative_config, hf_config)
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=batched,
             max_model_len=max_model_len,
             policy=self.scheduling_policy,
-            preemption_mode=self.preemption_mode,
+            preemption_mode=PreemptionMode(self.preemption_mode),
             enable_chunked_prefill=self.enable_chunked_prefill,
+            num_lookahead_slots=speculative.num_lookahead_slots if speculative is not None else 0,
         )
         backend = self.distributed_executor_backend
         if backend is None:
@@ -257,7 +267,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             seed=self.seed,
             tokenizer=self.tokenizer,
-            speculative_config=_speculative_config(self.speculative_config, hf_config),
+            speculative_config=speculative,
             enforce_eager=self.enforce_eager,
         )
 

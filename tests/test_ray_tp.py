@@ -205,6 +205,46 @@ def test_steps_send_only_deltas(tiny_tp2):
         assert size < 2048, f"a decode step of 2 requests serialises to {size} bytes"
 
 
+def test_tp2_speculation_with_a_sharded_draft_model(ray_cluster, tiny_model_path, tmp_path):
+    """The draft model runs inside the workers, sharded like the target: each rank holds half of
+    it, and TP=2 with drafts gives TP=1's tokens (with and without drafts)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    for f in tiny_model_path.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, draft / f.name)
+    g = torch.Generator().manual_seed(7)  # the target plus noise: it agrees part of the time
+    weights = load_file(tiny_model_path / "model.safetensors")
+    save_file({k: (v + 0.003 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v).contiguous()
+               for k, v in weights.items()}, draft / "model.safetensors", metadata={"format": "pt"})
+    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    prompts = PROMPTS + [{"prompt_token_ids": [11, 12, 13, 14, 15] * 6}]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    tp1 = LLM(str(tiny_model_path), kv_cache_memory_bytes=1 << 20)
+    ref = greedy_with_gaps(tp1, prompts, 24)
+    tp1_spec = [o.outputs[0].token_ids for o in
+                LLM(str(tiny_model_path), kv_cache_memory_bytes=1 << 20, speculative_config=spec).generate(
+                    prompts, params, use_tqdm=False)]
+    llm = LLM(str(tiny_model_path), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20, speculative_config=spec)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert compare(ref, outs, "TP=2 with a draft model") == len(prompts)
+        assert [o.outputs[0].token_ids for o in outs] == tp1_spec
+        stats = llm.get_stats()
+        assert stats.spec_decoding.num_accepted_tokens > 0, stats
+        assert stats.kv_cache.kv_blocks_used == 0
+        # each rank: its shard of the target and its shard of the same-sized draft
+        shard = rank_param_bytes(2, 64, 128, 49152, 4, 2, 16, False, 2)
+        assert llm.llm_engine.executor.weight_bytes() == [2 * shard, 2 * shard]
+    finally:
+        llm.shutdown()
+
+
 def test_two_engines_on_one_host(tiny_tp2, tiny_model_path, monkeypatch):
     """A second TP=2 engine beside the first, both answer correctly while interleaved, and the second
     one's shutdown leaves the first working. The first meets through a file store; the second through

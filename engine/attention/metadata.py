@@ -1,6 +1,9 @@
-"""Per-step attention metadata, built once by the model runner and read by every layer."""
+"""Per-step attention metadata: built by ``build_attention_metadata`` (or, for replayed decode steps,
+over the graph runners' static buffers) and read by every layer inside ``attention_context``."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +49,65 @@ class AttentionMetadata:
         return self.num_requests - self.num_decodes
 
 
+def build_attention_metadata(
+    query_lens: list[int], num_computed: list[int], block_tables: list[list[int]], block_size: int,
+    device: torch.device, num_decodes: int | None = None,
+) -> tuple[AttentionMetadata, torch.Tensor]:
+    """The one builder of a step's metadata from a host-side description of the batch: request
+    ``i`` computes ``query_lens[i]`` tokens from position ``num_computed[i]`` through the blocks
+    ``block_tables[i]``. Returns the metadata and every token's position (both on ``device``).
+    ``num_decodes`` defaults to the leading requests with one query token."""
+    num_reqs = len(query_lens)
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros((num_reqs, max_blocks), dtype=torch.int32)
+    for i, t in enumerate(block_tables):
+        tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    counts_t = torch.tensor(query_lens, dtype=torch.int64)
+    starts_t = torch.tensor(num_computed, dtype=torch.int64)
+    qsl = torch.zeros(num_reqs + 1, dtype=torch.int64)
+    torch.cumsum(counts_t, 0, out=qsl[1:])
+    total = int(qsl[-1])
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), counts_t)
+    positions = torch.arange(total) - qsl[:-1][req_of_token] + starts_t[req_of_token]
+    slot_mapping = tables[req_of_token, positions // block_size].long() * block_size + positions % block_size
+    seq_lens = starts_t + counts_t
+    seq_lens_host = seq_lens.tolist()
+    if num_decodes is None:
+        num_decodes = 0
+        while num_decodes < num_reqs and query_lens[num_decodes] == 1:
+            num_decodes += 1
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device),
+        query_start_loc=qsl.to(torch.int32).to(device),
+        seq_lens=seq_lens.to(torch.int32).to(device),
+        block_tables=tables.to(device),
+        num_decodes=num_decodes,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens_host),
+        max_decode_seq_len=max(seq_lens_host[:num_decodes]) if num_decodes else 0,
+        block_size=block_size,
+        query_start_loc_host=qsl.tolist(),
+        seq_lens_host=seq_lens_host,
+    )
+    return meta, positions.to(device)
+
+
 _CURRENT: AttentionMetadata | None = None
 
 
-def set_attention_metadata(meta: AttentionMetadata | None) -> None:
-    """Installs the metadata for the step about to run (the model layers read it)."""
+@contextmanager
+def attention_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    """Installs ``meta`` for the model layers while the block runs (a forward pass, a capture or
+    a recording), and clears it after, whatever happens."""
     global _CURRENT
-    _CURRENT = meta
+    previous, _CURRENT = _CURRENT, meta
+    try:
+        yield meta
+    finally:
+        _CURRENT = previous
 
 
 def get_attention_metadata() -> AttentionMetadata:
     if _CURRENT is None:
-        raise RuntimeError("attention metadata is not set: the model must be run through ModelRunner")
+        raise RuntimeError("attention metadata is not set: run the model inside attention_context(meta)")
     return _CURRENT

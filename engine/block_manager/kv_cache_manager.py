@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 from engine.block_manager.block_pool import BlockPool, HostBlockPool, KVBlock
 from engine.block_manager.hashing import block_hashes, hash_block
+from engine.block_manager.stats import KVCacheStats
 from engine.request import Request
 
 
 @dataclass
-class KVCacheStats:
+class KVCacheCounters:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of those, tokens served from cached blocks
     shared_prompt_tokens: int = 0  # n > 1: prompt tokens a sample took from its first sibling
@@ -55,7 +56,7 @@ class KVCacheManager:
         self.tables: dict[str, list[KVBlock]] = {}
         self.host_tables: dict[str, list[int]] = {}  # swapped-out requests
         self.num_cached_blocks: dict[str, int] = {}  # per request: leading blocks already registered
-        self.stats = KVCacheStats()
+        self.stats = KVCacheCounters()
         self._ops = BlockOps()
         self._rewritten: set[str] = set()  # requests whose table changed other than by appending
 
@@ -302,26 +303,27 @@ class KVCacheManager:
         out, self._rewritten = self._rewritten, set()
         return out
 
-    def get_stats(self) -> dict:
-        pool = self.pool
-        return {
-            "kv_blocks_total": pool.num_blocks,
-            "kv_blocks_free": pool.num_free_blocks,
-            "kv_blocks_used": pool.num_used_blocks,
-            "kv_blocks_cached": pool.num_cached_blocks,
-            "kv_cache_usage": pool.usage(),
-            "kv_host_blocks_total": self.host_pool.num_blocks,
-            "kv_host_blocks_free": self.host_pool.num_free_blocks,
-            "prefix_cache_queries": self.stats.prefix_queries,
-            "prefix_cache_hits": self.stats.prefix_hits,
-            "prefix_cache_hit_rate": self.stats.prefix_hits / self.stats.prefix_queries if self.stats.prefix_queries else 0.0,
-            "prefix_cache_evictions": pool.num_evictions,
-            "shared_prompt_tokens": self.stats.shared_prompt_tokens,
-            "cow_copies": self.stats.cow_copies,
-            "swapped_out_blocks": self.stats.swapped_out_blocks,
-            "swapped_in_blocks": self.stats.swapped_in_blocks,
-            "swap_in_cache_hits": self.stats.swap_in_cache_hits,
-        }
+    def get_stats(self) -> "KVCacheSnapshot":
+        """A point-in-time KVCacheStats (engine/block_manager/stats.py) of the pools and counters."""
+
+        pool, counters = self.pool, self.stats
+        return KVCacheStats(
+            kv_blocks_total=pool.num_blocks,
+            kv_blocks_free=pool.num_free_blocks,
+            kv_blocks_used=pool.num_used_blocks,
+            kv_blocks_cached=pool.num_cached_blocks,
+            kv_cache_usage=pool.usage(),
+            kv_host_blocks_total=self.host_pool.num_blocks,
+            kv_host_blocks_free=self.host_pool.num_free_blocks,
+            prefix_cache_queries=counters.prefix_queries,
+            prefix_cache_hits=counters.prefix_hits,
+            prefix_cache_evictions=pool.num_evictions,
+            shared_prompt_tokens=counters.shared_prompt_tokens,
+            cow_copies=counters.cow_copies,
+            swapped_out_blocks=counters.swapped_out_blocks,
+            swapped_in_blocks=counters.swapped_in_blocks,
+            swap_in_cache_hits=counters.swap_in_cache_hits,
+        )
 
     # ---- checking --------------------------------------------------------------------------
     def check_invariants(self) -> None:

@@ -9,7 +9,6 @@ flight fails with EngineDeadError and ``errored`` becomes true (the server repor
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import threading
 import time
@@ -17,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from engine.config import EngineArgs
-from engine.core.llm_engine import LLMEngine, PromptType
+from engine.core.engine_client import EngineClient, ModelInfo
+from engine.core.input_processor import InputProcessor, ProcessedInput, PromptType
+from engine.core.llm_engine import LLMEngine
+from engine.core.request_metrics import (  # noqa: F401 - Histogram and the buckets were defined here
+    E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, EngineMetrics, Histogram,
+)
+from engine.core.stats import EngineStats
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -54,8 +59,8 @@ class RequestStream:
 @dataclass
 class _Add:
     request_id: str
-    prompt: PromptType
-    params: SamplingParams
+    prompt: PromptType | ProcessedInput
+    params: SamplingParams | None
     arrival_time: float
     priority: int
     stream: bool
@@ -79,62 +84,6 @@ class _Tracked:
     last_token_time: float | None = None
 
 
-# vLLM's buckets for time to first token and inter-token latency (seconds)
-TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)
-ITL_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
-
-
-class Histogram:
-    """A cumulative histogram (Prometheus semantics); observed on the engine thread, read anywhere."""
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            self.counts[i] += 1
-            self.sum += value
-
-    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
-        """([(upper bound, cumulative count)], sum, count); the last bound is inf."""
-        with self._lock:
-            counts, total = list(self.counts), self.sum
-        cumulative, out = 0, []
-        for bound, c in zip((*self.buckets, float("inf")), counts):
-            cumulative += c
-            out.append((bound, cumulative))
-        return out, total, cumulative
-
-
-@dataclass
-class EngineMetrics:
-    """The async engine's own counters: request outcomes and latency histograms."""
-
-    requests_added: int = 0
-    requests_failed: int = 0  # in flight when the engine died
-    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
-    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
-    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
-
-    def record_finished(self, out: RequestOutput, latency: float) -> None:
-        reasons = [o.finish_reason for o in out.outputs]
-        # a request counts once: aborted if any sample was, else by its first sample
-        reason = "abort" if "abort" in reasons else (reasons[0] or "abort")
-        self.finished[reason] = self.finished.get(reason, 0) + 1
-        if reason != "abort":
-            self.e2e.observe(latency)
-
-
 @dataclass
 class _StatLog:
     last_time: float = field(default_factory=time.monotonic)
@@ -142,9 +91,18 @@ class _StatLog:
     last_generation_tokens: int = 0
 
 
-class AsyncLLMEngine:
+class AsyncLLMEngine(EngineClient):
+    """The EngineClient the server talks to, around one LLMEngine."""
+
     def __init__(self, engine: LLMEngine, log_stats: bool = True, log_stats_interval: float = 5.0) -> None:
         self.engine = engine
+        cfg = engine.config.model
+        self._model_info = ModelInfo(
+            model_path=str(cfg.path),
+            max_model_len=min(cfg.max_model_len, engine.scheduler.max_model_len),
+            vocab_size=cfg.vocab_size,
+        )
+        self._input_processor = engine.input_processor  # built here, before the engine thread runs
         self.log_stats = log_stats
         self.log_stats_interval = log_stats_interval
         self.metrics = EngineMetrics()
@@ -155,7 +113,7 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._dead: EngineDeadError | None = None
-        self._stats: dict[str, Any] = {}
+        self._stats = EngineStats()
         self._stats_failed = False
         self._stat_log = _StatLog()
         self._refresh_stats()
@@ -166,8 +124,19 @@ class AsyncLLMEngine:
 
     # ---- properties ------------------------------------------------------------------------
     @property
+    def model_config(self) -> ModelInfo:
+        return self._model_info
+
+    @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def input_processor(self) -> InputProcessor:
+        return self._input_processor
 
     @property
     def errored(self) -> bool:
@@ -181,9 +150,10 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.errored
 
-    def get_stats(self) -> dict[str, Any]:
-        """The engine's stats as of the end of its last step (safe to call from any thread)."""
-        return dict(self._stats)
+    def get_stats(self) -> EngineStats:
+        """The engine's stats as of the end of its last step (safe to call from any thread: the
+        snapshot is never changed, a new one replaces it)."""
+        return self._stats
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -205,8 +175,8 @@ class AsyncLLMEngine:
     async def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
-        params: SamplingParams,
+        prompt: PromptType | ProcessedInput,
+        params: SamplingParams | None = None,
         *,
         stream: bool = True,
         priority: int = 0,
@@ -214,8 +184,10 @@ class AsyncLLMEngine:
     ) -> RequestStream:
         """Queues a request and waits until the engine accepted it (validation errors raise here).
 
-        With ``stream`` the returned stream yields delta outputs every step; without it, only the
-        final output. If the caller is cancelled while waiting, the request is aborted.
+        A ProcessedInput (``input_processor.process``, run by the caller) is queued without being
+        checked again; ``params`` is then None. With ``stream`` the returned stream yields delta
+        outputs every step; without it, only the final output. If the caller is cancelled while
+        waiting, the request is aborted.
         """
         if self._dead is not None:
             raise self._dead
@@ -245,7 +217,8 @@ class AsyncLLMEngine:
         return out
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str, *, stream: bool = True, priority: int = 0
+        self, prompt: PromptType | ProcessedInput, params: SamplingParams | None, request_id: str, *,
+        stream: bool = True, priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Adds a request and yields its outputs; leaving early (break, cancel) aborts it."""
         rs = await self.add_request(request_id, prompt, params, stream=stream, priority=priority)
@@ -267,7 +240,7 @@ class AsyncLLMEngine:
             raise self._dead
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("the engine loop is not running")
-        self.engine.executor.check_health()  # Ray: a worker that died while idle (no call into workers)
+        self.engine.check_health()
 
     def _push(self, cmd: _Add | _Abort) -> None:
         with self._cv:
@@ -387,14 +360,14 @@ class AsyncLLMEngine:
         if elapsed < self.log_stats_interval:
             return
         s = self._stats
-        prompt, gen = s.get("prompt_tokens_total", 0), s.get("generation_tokens_total", 0)
+        prompt, gen = s.prompt_tokens_total, s.generation_tokens_total
         moved = prompt != log.last_prompt_tokens or gen != log.last_generation_tokens
-        busy = s.get("num_running") or s.get("num_waiting") or moved
+        busy = s.num_running or s.num_waiting or moved
         if busy:
             logger.info(
                 "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s",
-                s.get("num_running", 0), s.get("num_waiting", 0), 100 * s.get("kv_cache_usage", 0.0),
+                s.num_running, s.num_waiting, 100 * s.kv_cache.kv_cache_usage,
                 (prompt - log.last_prompt_tokens) / elapsed, (gen - log.last_generation_tokens) / elapsed,
             )
         log.last_time, log.last_prompt_tokens, log.last_generation_tokens = now, prompt, gen

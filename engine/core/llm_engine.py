@@ -4,23 +4,22 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import asdict
+from functools import cached_property
 from typing import Any
 
 from engine.block_manager.kv_cache_manager import KVCacheManager
 from engine.config import EngineArgs, EngineConfig
 from engine.core.detokenizer import IncrementalDetokenizer
+from engine.core.input_processor import InputProcessor, ProcessedInput, PromptType
 from engine.core.output_processor import OutputProcessor, ParentState, SampleState, child_id
+from engine.core.stats import EngineStats
 from engine.executor.base import make_executor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
-from engine.spec_decode.stats import SpecDecodingStats
 
 logger = logging.getLogger(__name__)
-
-PromptType = str | dict | list[int]
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
@@ -41,12 +40,6 @@ class LLMEngine:
         except BaseException:
             self.executor.shutdown()  # stop Ray workers that did start
             raise
-        self.spec_decoder = None  # speculative decoding (engine/spec_decode), with its draft model if any
-        if config.speculative_config is not None:
-            from engine.spec_decode.manager import SpeculativeDecoder
-
-            self.spec_decoder = SpeculativeDecoder(config.speculative_config, config)
-            num_blocks = self.spec_decoder.fit_num_blocks(num_blocks, self.executor.kv_bytes_per_block())
         bs = config.cache.block_size
         if num_blocks < 1:
             raise ValueError(
@@ -65,14 +58,12 @@ class LLMEngine:
                 num_blocks * bs, config.model.max_model_len,
             )
         num_host_blocks = 0
-        if config.scheduler.preemption_mode == "swap":
+        if config.scheduler.preempts_by_swap:
             num_host_blocks = config.cache.swap_space_bytes // per_block
             self.executor.init_swap_space(num_host_blocks)
             logger.info("swap space: %d host blocks (%.1f MiB)", num_host_blocks, num_host_blocks * per_block / 2**20)
         self.kv_cache = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        if self.spec_decoder is not None:
-            self.spec_decoder.bind(self.scheduler, self.kv_cache, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_generation_tokens = 0
@@ -82,93 +73,80 @@ class LLMEngine:
         return cls(args.create_engine_config())
 
     # ---- requests --------------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                return prompt.get("prompt"), self._check_ids(ids)
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)):
-            return None, self._check_ids(list(prompt))
-        raise TypeError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
+    @cached_property
+    def input_processor(self) -> InputProcessor:
+        """Tokenizes and checks requests (built on first use, from the finished engine)."""
+        return InputProcessor(self.tokenizer, self.config.model.vocab_size, self.eos_token_ids,
+                              self.scheduler.check_prompt)
 
-    def _check_ids(self, ids: list[int]) -> list[int]:
-        vocab = self.config.model.vocab_size
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab})")
-        return list(ids)
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        return self.input_processor.tokenize_prompt(prompt)
 
     def add_request(
         self,
         request_id: str | None,
-        prompt: PromptType,
+        prompt: PromptType | ProcessedInput,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
         delta: bool = False,
     ) -> str:
-        """Validates and queues a request; raises ValueError (or a subclass) for bad input."""
-        params = params.clone() if params is not None else SamplingParams()
-        params.validate()
+        """Validates and queues a request; raises ValueError (or a subclass) for bad input.
+
+        A ProcessedInput (from ``input_processor.process``, as the server makes) is queued as it is,
+        with its own params; ``params`` must then be None.
+        """
         if request_id is None:
             request_id = str(next(self._ids))
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize_prompt(prompt)
-        self.scheduler.check_prompt(len(ids))
-        self._check_params(params)
-        params.update_from_tokenizer(self.tokenizer, self.config.model.vocab_size)
-        params.update_eos_token_ids(self.eos_token_ids)
+        if isinstance(prompt, ProcessedInput):
+            if params is not None:
+                raise TypeError("a ProcessedInput carries its own SamplingParams; pass params=None")
+            inputs = prompt
+        else:
+            inputs = self.input_processor.process(prompt, params)
         arrival = arrival_time if arrival_time is not None else time.time()
-        samples, children = [], []
-        for i in range(params.n):
-            child_params = params if params.n == 1 else params.clone()
-            if params.n > 1:
+        children = self._fan_out(request_id, inputs, arrival, priority)
+        samples = [
+            SampleState(c.sample_index, IncrementalDetokenizer(self.tokenizer, inputs.prompt_token_ids,
+                                                               c.sampling_params))
+            for c in children
+        ]
+        parent = ParentState(request_id, inputs.prompt, inputs.prompt_token_ids, samples, delta=delta,
+                             num_prompt_logprobs=inputs.params.prompt_logprobs)
+        self.output_processor.add(parent, [c.request_id for c in children])
+        for child in children:
+            self.scheduler.add_request(child)
+        return request_id
+
+    def _fan_out(self, request_id: str, inputs: ProcessedInput, arrival: float, priority: int) -> list[Request]:
+        """One Request per sample. With n > 1 each sample gets n=1, its own seed (seed + i) when
+        seeded, and only the first scores the prompt (prompt_logprobs)."""
+        params, n = inputs.params, inputs.params.n
+        children = []
+        for i in range(n):
+            child_params = params if n == 1 else params.clone()
+            if n > 1:
                 child_params.n = 1
                 if params.seed is not None:
                     child_params.seed = params.seed + i
-                if i > 0:  # the prompt is scored once, by the first sample
+                if i > 0:
                     child_params.prompt_logprobs = None
-            cid = child_id(request_id, i, params.n)
             children.append(
                 Request(
-                    request_id=cid,
-                    prompt_token_ids=ids,
+                    request_id=child_id(request_id, i, n),
+                    prompt_token_ids=inputs.prompt_token_ids,
                     sampling_params=child_params,
                     arrival_time=arrival,
-                    prompt=text,
+                    prompt=inputs.prompt,
                     eos_token_ids=self.eos_token_ids,
                     priority=priority,
                     parent_id=request_id,
                     sample_index=i,
                 )
             )
-            samples.append(SampleState(i, IncrementalDetokenizer(self.tokenizer, ids, child_params)))
-        parent = ParentState(request_id, text, ids, samples, delta=delta, num_prompt_logprobs=params.prompt_logprobs)
-        self.output_processor.add(parent, [c.request_id for c in children])
-        for child in children:
-            self.scheduler.add_request(child)
-        return request_id
-
-    def _check_params(self, params: SamplingParams) -> None:
-        vocab = self.config.model.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or [])):
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        if params.logit_bias:
-            bad = [t for t in params.logit_bias if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"logit_bias has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            if k is not None and (vocab if k == -1 else k) > MAX_LOGPROBS:
-                raise ValueError(f"{name}={k} asks for more than the maximum of {MAX_LOGPROBS} logprobs")
+        return children
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         """Aborts user-facing requests (all their samples) wherever they are; frees their blocks."""
@@ -192,23 +170,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and returns an output for every request that progressed."""
-        if self.spec_decoder is not None:
-            self.spec_decoder.propose()  # sets request.spec_token_ids for the scheduler to budget
         so = self.scheduler.schedule()
         if not so.needs_workers:
             return []
-        if self.spec_decoder is not None:
-            self.spec_decoder.attach(so)
         result = self.executor.execute_model(so)
-        if self.spec_decoder is not None and not so.is_empty:
-            self.spec_decoder.record(so, result.sampled_token_ids)
         if so.is_empty:  # only block copies or dropped states this step
             return []
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
         for rid, (first, entries) in getattr(result, "prompt_logprobs", {}).items():
             self.output_processor.add_prompt_logprobs(rid, first, entries)
         touched: dict[str, None] = {}
-        for req, new in self.scheduler.update_from_output(so, result.sampled_token_ids):
+        for req, new in self.scheduler.update_from_output(so, result.sampled_token_ids, result.draft_token_ids):
             self.num_generation_tokens += len(new)
             lps = logprobs.get(req.request_id)
             stop = self.output_processor.process(req, new, lps[: len(new)] if lps else None)
@@ -222,18 +194,23 @@ class LLMEngine:
             touched[self.output_processor.child_to_parent[req.request_id][0]] = None
         return [self.output_processor.make_output(pid) for pid in touched]
 
-    def get_stats(self) -> dict:
-        kv = self.kv_cache
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "num_swapped": self.scheduler.num_swapped,
-            **kv.get_stats(),
-            **{f"scheduler_{k}": v for k, v in asdict(self.scheduler.stats).items()},
-            "prompt_tokens_total": self.scheduler.stats.num_prefill_tokens,
-            "generation_tokens_total": self.num_generation_tokens,
-            **(self.spec_decoder.get_stats() if self.spec_decoder is not None else SpecDecodingStats().as_dict()),
-        }
+    def get_stats(self) -> EngineStats:
+        """A snapshot of the engine's state; later steps do not change it."""
+        sched = self.scheduler
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            num_swapped=sched.num_swapped,
+            prompt_tokens_total=sched.stats.num_prefill_tokens,
+            generation_tokens_total=self.num_generation_tokens,
+            scheduler=sched.stats.snapshot(),
+            kv_cache=self.kv_cache.get_stats(),
+            spec_decoding=sched.spec_stats.snapshot(),
+        )
+
+    def check_health(self) -> None:
+        """Raises if a worker is gone (Ray: a worker that died while idle, with no call into it)."""
+        self.executor.check_health()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -6,8 +6,10 @@ import logging
 import sys
 
 from engine.attention.backends.selector import BACKENDS
-from engine.config import EngineArgs
+from engine.config import EngineArgs, PreemptionMode
 from engine.errors import EngineError
+from engine.layers.quantization import quantization_methods
+from engine.scheduler.policy import policy_names
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +28,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--swap-space", type=float, default=0, help="GiB of host memory for swapped-out KV blocks")
-    g.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
-    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    g.add_argument("--preemption-mode", choices=[m.value for m in PreemptionMode], default=PreemptionMode.RECOMPUTE.value)
+    g.add_argument("--scheduling-policy", choices=policy_names(), default="fcfs")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--attention-backend", default="auto", choices=list(BACKENDS))
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])
-    g.add_argument("--quantization", default=None, choices=["int8"])
+    g.add_argument("--quantization", default=None, choices=quantization_methods())
     g.add_argument("--device", default=None)
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs (they are GPU-only anyway)")
     g.add_argument(

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from engine.config import EngineArgs
 from engine.core.llm_engine import LLMEngine, PromptType
+from engine.core.stats import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -123,7 +124,9 @@ class LLM:
 
         return render_chat(self.get_tokenizer(), conversation, chat_template, add_generation_prompt)
 
-    def get_stats(self) -> dict:
+    def get_stats(self) -> EngineStats:
+        """A snapshot of the engine's stats: ``stats.kv_cache.kv_blocks_used``,
+        ``stats.scheduler.num_preemptions``, ... (the old dict keys still read: ``stats["num_running"]``)."""
         return self.llm_engine.get_stats()
 
     def shutdown(self) -> None:

@@ -1,12 +1,14 @@
 """Vocabulary-parallel token embedding and LM head."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel_state import get_tp_group
-from engine.layers.quantization import LinearMethod, UnquantizedLinearMethod
+from engine.layers.quantization.base import LayerKind, LinearMethod, UnquantizedLinearMethod
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -51,6 +53,8 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Computes logits for the given hidden states only; shards are gathered on every rank."""
+
+    quant_kind: ClassVar[LayerKind] = LayerKind.LM_HEAD  # what quantization.method_for dispatches on
 
     def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__(vocab_size, hidden)

@@ -5,12 +5,14 @@ slice of a checkpoint tensor into it, so no rank ever holds the full matrix.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from engine.distributed.head_layout import tp_head_layout
 from engine.layers.checkpoint import materialize
-from engine.layers.quantization import LinearMethod, UnquantizedLinearMethod
+from engine.layers.quantization.base import LayerKind, LinearMethod, UnquantizedLinearMethod
 from engine.distributed.parallel_state import get_tp_group
 
 
@@ -21,6 +23,8 @@ def divide(a: int, b: int) -> int:
 
 
 class LinearBase(nn.Module):
+    quant_kind: ClassVar[LayerKind] = LayerKind.LINEAR  # what quantization.method_for dispatches on
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.in_features = in_features

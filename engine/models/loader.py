@@ -136,3 +136,13 @@ def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.dev
     if device.type == "cpu" and not cpu_kernels_take_weights(dtype):
         use_column_major_weights(model)
     return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters ``model`` holds on this rank (shared/tied tensors counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total

@@ -42,10 +42,12 @@ class SchedulerOutput:
     num_computed_tokens: list[int] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
+    # speculative decoding: req id -> the proposals scheduled after its last real token (the
+    # worker that made them keeps the draft's distributions for verifying them)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    # speculative decoding: req id -> the draft's distributions [len(spec), V] its proposals were
-    # drawn from (random requests of a draft model); absent means deterministic proposals
-    spec_draft_probs: dict = field(default_factory=dict)
+    # req id -> KV slots past this step's tokens, in blocks it holds alone, that a draft model may
+    # write its proposals' K/V into (only when the proposer writes K/V)
+    lookahead_slots: dict[str, int] = field(default_factory=dict)
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
     preempted_req_ids: set[str] = field(default_factory=set)
     # block copies workers run before the forward pass, in this order: swap_out, copy_blocks, swap_in

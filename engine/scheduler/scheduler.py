@@ -5,39 +5,23 @@ See docs/scheduling.md for the policies and the rules this scheduler keeps.
 from __future__ import annotations
 
 import bisect
-import heapq
 import time
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
 
 from engine.block_manager.kv_cache_manager import KVBlock, KVCacheManager
-from engine.config import SchedulerConfig
 from engine.errors import PromptTooLongError
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.scheduler.policy import make_policy
+from engine.scheduler.stats import SchedulerStats  # re-exported: its home was this module
+from engine.spec_decode.stats import SpecDecodingStats
+
+if TYPE_CHECKING:  # annotations only: engine.config imports engine.scheduler.policy (its registry)
+    from engine.config import SchedulerConfig
 
 WATERMARK_FRACTION = 0.01  # vLLM's watermark: admissions leave 1% of the blocks free for growth
-
-
-@dataclass
-class SchedulerStats:
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_recompute_preemptions: int = 0
-    num_swap_preemptions: int = 0
-    num_priority_preemptions: int = 0  # running requests displaced by a higher-priority arrival
-    num_swap_ins: int = 0
-    num_forked_samples: int = 0  # n > 1 samples that shared a sibling's computed prompt
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0
-    # the last step's batch composition
-    last_num_decodes: int = 0
-    last_num_prefills: int = 0
-    last_num_scheduled_tokens: int = 0
-    last_num_preempted: int = 0
-    last_num_running: int = 0
-    last_num_waiting: int = 0
-    last_num_swapped: int = 0
 
 
 @dataclass
@@ -53,9 +37,17 @@ class _Step:
     growth_preempted: bool = False
 
 
+class AdmissionKind(str, Enum):
+    """How a waiting request starts running."""
+
+    NEW = "new"  # an ordinary start (or restart after recompute), with a prefix-cache lookup
+    FORK = "fork"  # n > 1: share a sibling's computed prompt blocks
+    SWAP_IN = "swap_in"  # copy its swapped-out blocks back from host memory
+
+
 @dataclass
 class _Admission:
-    kind: str  # "new" (prefix-cache lookup), "fork" (share a sibling's prompt) or "swap_in"
+    kind: AdmissionKind
     num_new: int
     need: int  # free blocks it consumes
     computed: list[KVBlock] = field(default_factory=list)
@@ -85,12 +77,13 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        self.spec_stats = SpecDecodingStats()  # speculative decoding: acceptance counts
         self._step = 0
         self._sent_blocks: dict[str, int] = {}  # req id -> blocks of its table the workers know
         self._reset_tables: set[str] = set()  # known to workers, but their table must be resent whole
         self._finished_ids: set[str] = set()
         self._group_leader: dict[str, str] = {}  # n > 1: parent id -> the sample that prefills
-        self.num_lookahead_tokens = 0  # speculative decoding: slots a draft model writes past a step
+        self.num_lookahead_tokens = config.num_lookahead_slots  # slots a draft model writes past a step
 
     # ---- admission -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int) -> None:
@@ -147,10 +140,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self._step += 1
         st = _Step(budget=self.config.max_num_batched_tokens)
-        if self.policy.name == "priority":
-            order = list(heapq.merge(self.running, self.waiting, key=self.policy.sort_key))
-        else:
-            order = self.running + self.waiting
+        order = self.policy.step_order(self.running, self.waiting)
         admitting = True
         for req in order:
             if st.budget <= 0:
@@ -182,10 +172,10 @@ class Scheduler:
         )
 
     def _has_seq_slot(self, req: Request, st: _Step) -> bool:
-        """Whether max_num_seqs leaves room for ``req``; under priority it may take the slot of a
-        running request of strictly lower priority."""
+        """Whether max_num_seqs leaves room for ``req``; it may take the slot of a running request
+        the policy lets it displace."""
         while len(self.running) + len(st.admitted) >= self.config.max_num_seqs:
-            victim = self._pick_victim(st, below_priority=req.priority) if self.policy.name == "priority" else None
+            victim = self._pick_victim(st, displaced_by=req)
             if victim is None:
                 return False
             self._preempt(victim, st)
@@ -211,13 +201,13 @@ class Scheduler:
                 return
         self._add_to_batch(st, req, num_new)
 
-    def _pick_victim(self, st: _Step, below_priority: int | None = None) -> Request | None:
+    def _pick_victim(self, st: _Step, displaced_by: Request | None = None) -> Request | None:
         """The last running request in policy order that this step has not scheduled or resumed
-        (with ``below_priority``: only one of a strictly lower priority, i.e. a larger value)."""
+        (with ``displaced_by``: only one the policy lets that request displace)."""
         for r in reversed(self.running):
             if r.request_id in st.scheduled or r.resumed_step == self._step:
                 continue
-            if below_priority is not None and r.priority <= below_priority:
+            if displaced_by is not None and not self.policy.may_displace(displaced_by, r):
                 return None  # running is in policy order: nothing before it qualifies either
             return r
         return None
@@ -233,13 +223,13 @@ class Scheduler:
             num_new = min(num_new, budget)
             table_len = len(kv.host_tables[req.request_id])
             grow = max(kv.blocks_needed(req.num_computed_tokens + num_new) - table_len, 0)
-            return _Admission("swap_in", num_new, kv.swap_in_blocks_needed(req) + grow)
+            return _Admission(AdmissionKind.SWAP_IN, num_new, kv.swap_in_blocks_needed(req) + grow)
         if req.fork_from is not None:
             if self._waits_for_sibling(req):
                 return None
             leader = self.requests.get(req.fork_from)
             if leader is not None and leader.status == RequestStatus.RUNNING:
-                return _Admission("fork", 1, 1, source=leader)
+                return _Admission(AdmissionKind.FORK, 1, 1, source=leader)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
         computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
@@ -247,12 +237,11 @@ class Scheduler:
         if not self.config.enable_chunked_prefill and num_new > budget:
             return False
         num_new = min(num_new, budget)
-        return _Admission("new", num_new, kv.blocks_to_allocate(req, num_new, computed), computed)
+        return _Admission(AdmissionKind.NEW, num_new, kv.blocks_to_allocate(req, num_new, computed), computed)
 
     def _schedule_waiting(self, req: Request, st: _Step) -> bool:
         """Admits ``req`` if it fits; returns False when it is blocked (and nothing should pass it)."""
         kv = self.kv_cache
-        priority = self.policy.name == "priority"
         reserve = self.watermark_blocks if (self.running or st.admitted) else 0
         while True:
             plan = self._plan_admission(req, st.budget)
@@ -262,18 +251,18 @@ class Scheduler:
                 return False
             if plan.need + reserve <= kv.num_free_blocks:
                 break
-            victim = self._pick_victim(st, below_priority=req.priority) if priority else None
+            victim = self._pick_victim(st, displaced_by=req)
             if victim is None:
                 return False
             self._preempt(victim, st)
             self.stats.num_priority_preemptions += 1
             reserve = self.watermark_blocks if (self.running or st.admitted) else 0
         first_time = req.status == RequestStatus.WAITING
-        if plan.kind == "swap_in":
+        if plan.kind is AdmissionKind.SWAP_IN:
             kv.swap_in(req)
             self.stats.num_swap_ins += 1
             ok = kv.allocate_slots(req, plan.num_new)
-        elif plan.kind == "fork":
+        elif plan.kind is AdmissionKind.FORK:
             kv.fork(plan.source, req, req.num_prompt_tokens - 1)
             req.num_computed_tokens = req.num_prompt_tokens - 1
             self.stats.num_forked_samples += 1
@@ -305,7 +294,7 @@ class Scheduler:
         """Frees a running request's device blocks: swapped to host when configured and room is
         left there, else dropped (its tokens are recomputed, mostly from the prefix cache)."""
         self.running.remove(req)
-        if self.config.preemption_mode == "swap" and self.kv_cache.can_swap_out(req):
+        if self.config.preempts_by_swap and self.kv_cache.can_swap_out(req):
             self.kv_cache.swap_out(req)
             self.stats.num_swap_preemptions += 1
         else:
@@ -355,6 +344,8 @@ class Scheduler:
             out.num_computed_tokens.append(start)
             out.token_ids.append(tokens + spec)
             out.sample.append(start + num_new >= req.num_tokens)
+            if self.num_lookahead_tokens:
+                out.lookahead_slots[rid] = self._lookahead_slots(req, start + num_new)
             sent = self._sent_blocks.get(rid)
             if sent is None:
                 self._reset_tables.discard(rid)
@@ -382,23 +373,39 @@ class Scheduler:
         s.num_prefill_tokens += out.total_num_scheduled_tokens - len(st.decodes)
         return out
 
+    def _lookahead_slots(self, req: Request, end: int) -> int:
+        """How many KV slots from position ``end`` on a draft model may write: the run of slots in
+        blocks ``req`` holds alone (up to num_lookahead_tokens). A shared block's K/V belongs to
+        every request that reads it."""
+        blocks, bs = self.kv_cache.tables[req.request_id], self.block_size
+        slots, b = 0, end // bs
+        while b < len(blocks) and blocks[b].ref_count == 1 and slots < self.num_lookahead_tokens:
+            slots += (b + 1) * bs - max(end, b * bs)
+            b += 1
+        return min(slots, self.num_lookahead_tokens)
+
     # ---- results ---------------------------------------------------------------------------
     def update_from_output(
-        self, out: SchedulerOutput, sampled: list[list[int]]
+        self, out: SchedulerOutput, sampled: list[list[int]], draft_token_ids: dict[str, list[int]] | None = None,
     ) -> list[tuple[Request, list[int]]]:
         """Advances each scheduled request by its computed tokens and appends sampled tokens.
 
         ``sampled[i]`` holds the tokens accepted for ``out.req_ids[i]`` (empty when nothing was
-        sampled). Returns each request that received tokens with the tokens it kept (none past a
-        stop); finished ones have already released their blocks.
+        sampled); ``draft_token_ids`` the proposals the worker made for the next step, which a
+        request that goes on keeps in ``spec_token_ids`` for the next schedule() to budget.
+        Returns each request that received tokens with the tokens it kept (none past a stop);
+        finished ones have already released their blocks.
         """
         updated = []
         now = time.time()
+        drafts = draft_token_ids or {}
         for i, req_id in enumerate(out.req_ids):
+            num_spec = len(out.spec_token_ids.get(req_id, ()))
+            if num_spec and out.sample[i] and sampled[i]:
+                self.spec_stats.observe(num_spec, len(sampled[i]) - 1)
             req = self.requests.get(req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            num_spec = len(out.spec_token_ids.get(req_id, ()))
             tokens = sampled[i] if out.sample[i] else []
             # rejected proposals are not computed: their slots are rewritten next step
             num_rejected = max(num_spec - (len(tokens) - 1), 0) if tokens else 0
@@ -417,6 +424,8 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
                     break
+            if not req.is_finished:
+                req.spec_token_ids = drafts.get(req_id, [])
             updated.append((req, kept))
         return updated
 

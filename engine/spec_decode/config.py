@@ -79,7 +79,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _load_draft_config(model: str, target_hf_config: Any) -> tuple[Path, Any]:
-    from engine.config import load_hf_config
+    from engine.models.hf_config import load_hf_config
     from engine.models.default_model import resolve_model_path
 
     try:

@@ -6,7 +6,10 @@ has a following token, so a step costs O(new tokens * number of n), not a scan o
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from engine.spec_decode.proposer import DraftRequest, Drafts, Proposer
 
 
 @dataclass
@@ -50,22 +53,22 @@ def find_ngram_proposal(tokens: list[int], min_n: int, max_n: int, k: int) -> li
     return []
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     def __init__(self, num_speculative_tokens: int, min_n: int, max_n: int) -> None:
         self.k = num_speculative_tokens
         self.min_n, self.max_n = min_n, max_n
         self.indexes: dict[str, NgramIndex] = {}
 
-    def propose(self, requests: list, limits: list[int]) -> list[list[int]]:
-        """``limits[i]``: at most that many proposals for ``requests[i]``."""
-        out = []
-        for req, limit in zip(requests, limits):
-            idx = self.indexes.get(req.request_id)
+    def propose(self, requests: list[DraftRequest]) -> Drafts:
+        out = Drafts()
+        for req in requests:
+            idx = self.indexes.get(req.req_id)
             if idx is None:
-                idx = self.indexes[req.request_id] = NgramIndex(self.min_n, self.max_n)
-            out.append(idx.propose(req.all_token_ids, min(self.k, limit)))
+                idx = self.indexes[req.req_id] = NgramIndex(self.min_n, self.max_n)
+            out.token_ids.append(idx.propose(req.token_ids, min(self.k, req.max_drafts)))
+            out.probs.append(None)
         return out
 
-    def drop(self, request_ids: set[str]) -> None:
-        for rid in request_ids:
+    def forget(self, req_ids: Iterable[str]) -> None:
+        for rid in req_ids:
             self.indexes.pop(rid, None)

@@ -1,7 +1,7 @@
 """Acceptance statistics, exported through LLMEngine.get_stats() (and the server's /metrics)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -32,7 +32,12 @@ class SpecDecodingStats:
         target's own token (vLLM's mean acceptance length); 0 before any draft."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
+    def snapshot(self) -> "SpecDecodingStats":
+        """A copy that later steps do not change (stats are read on other threads)."""
+        return replace(self, accepted_per_position=list(self.accepted_per_position))
+
     def as_dict(self) -> dict:
+        """The flat, prefixed keys LLMEngine.get_stats() gave before it returned EngineStats."""
         return {
             "spec_num_drafts": self.num_drafts,
             "spec_num_draft_tokens": self.num_draft_tokens,

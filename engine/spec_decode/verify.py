@@ -38,16 +38,16 @@ def verify_spec_rows(
     compute_logits, hidden: torch.Tensor, so: SchedulerOutput, query_start_loc: list[int],
     rows: list[int], requests: dict, sampled: list, logprobs: list, device: torch.device,
 ) -> None:
-    """Fills ``sampled[i]`` (and ``logprobs[i]``) for each verifying batch row ``i`` in ``rows``."""
-    draft_probs = getattr(so, "spec_draft_probs", {}) or {}
+    """Fills ``sampled[i]`` (and ``logprobs[i]``) for each verifying batch row ``i`` in ``rows``; the
+    draft's distributions come from the request states, where the runner kept them."""
     greedy = [i for i in rows if requests[so.req_ids[i]].sampling_params.is_greedy]
     random_ = [i for i in rows if not requests[so.req_ids[i]].sampling_params.is_greedy]
     for group in (greedy, random_):
         if group:
-            _verify_group(compute_logits, hidden, so, query_start_loc, group, requests, draft_probs, sampled, logprobs, device)
+            _verify_group(compute_logits, hidden, so, query_start_loc, group, requests, sampled, logprobs, device)
 
 
-def _verify_group(compute_logits, hidden, so, qsl, group, requests, draft_probs, sampled, logprobs, device) -> None:
+def _verify_group(compute_logits, hidden, so, qsl, group, requests, sampled, logprobs, device) -> None:
     states, specs, row_states, indices = [], [], [], []
     for i in group:
         rid = so.req_ids[i]
@@ -65,7 +65,7 @@ def _verify_group(compute_logits, hidden, so, qsl, group, requests, draft_probs,
     logits = apply_logits_processors(logits, meta)
     batch = SpecBatch(
         draft_token_ids=specs,
-        draft_probs=[_draft_probs(draft_probs.get(so.req_ids[i]), len(s), device) for i, s in zip(group, specs)],
+        draft_probs=[_draft_probs(st.draft_probs, len(s), device) for st, s in zip(states, specs)],
         generators=[s.generator for s in states],
     )
     if meta.all_greedy:

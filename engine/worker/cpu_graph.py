@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from engine.attention.metadata import set_attention_metadata
+from engine.attention.metadata import attention_context
 from engine.kernels.cpu.ops import CpuFp32Kernels
 from engine.kernels.cpu.plan import KernelPlan, PlanArena, recording
 from engine.worker.cuda_graph import StaticDecodeInputs, bucket_for
@@ -70,12 +70,11 @@ class CpuGraphRunner:
         return size if self.plans[size] is not None else None
 
     def _eager(self, size: int, ids: torch.Tensor, hook=None) -> torch.Tensor:
-        set_attention_metadata(self.inputs.metadata(size, self.block_size, self.max_model_len))
         handle = self.embed.register_forward_hook(hook) if hook is not None else None
         try:
-            return self.model(ids, self.inputs.positions[:size])
+            with attention_context(self.inputs.metadata(size, self.block_size, self.max_model_len)):
+                return self.model(ids, self.inputs.positions[:size])
         finally:
-            set_attention_metadata(None)
             if handle is not None:
                 handle.remove()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, set_attention_metadata
+from engine.attention.metadata import AttentionMetadata, attention_context
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +123,12 @@ class CUDAGraphRunner:
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             meta = self.inputs.metadata(bs, self.block_size, self.max_model_len)
             ids, pos = self.inputs.input_ids[:bs], self.inputs.positions[:bs]
-            set_attention_metadata(meta)
-            try:
+            with attention_context(meta):
                 self.model(ids, pos)  # warm-up: compiles the Triton kernels outside the capture
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     out = self.model(ids, pos)
-            finally:
-                set_attention_metadata(None)
             self.graphs[bs], self.outputs[bs] = graph, out
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)

@@ -1,4 +1,6 @@
-"""Flattens a scheduled step into one unpadded batch, runs the model and samples."""
+"""Flattens a scheduled step into one unpadded batch, runs the model, samples (verifying speculative
+proposals) and proposes for the next step: the worker's whole step, engine/worker/worker.py's
+``execute_model``."""
 from __future__ import annotations
 
 import logging
@@ -6,13 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, set_attention_metadata
+from engine.attention.metadata import AttentionMetadata, attention_context, build_attention_metadata
 from engine.config import EngineConfig
-from engine.models.loader import load_model
+from engine.models.loader import load_model, weight_bytes
 from engine.sample.logprobs import compute_prompt_logprobs
 from engine.sample.metadata import SamplingMetadata
 from engine.sample.sampler import Sampler
 from engine.scheduler.output import SchedulerOutput
+from engine.spec_decode.proposer import DraftRequest, Proposer, make_proposer
+from engine.worker.graph_runner import StepGraphRunner, make_step_graph_runner
 from engine.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,8 @@ class ModelRunnerOutput:
     logprobs: list[list[tuple[list[int], list[float], int]] | None] = field(default_factory=list)
     # req id -> (index of the first prompt token scored, entries): see engine/sample/logprobs.py
     prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
+    # speculative decoding: req id -> proposals for its next step
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -40,9 +46,10 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.attn_backend = None
-        # decode-step replay unless enforce_eager: CUDA graphs (engine/worker/cuda_graph.py) on CUDA,
-        # kernel plans (engine/worker/cpu_graph.py) on CPU
-        self.graph_runner = None
+        self.graph_runner: StepGraphRunner | None = None  # decode-step replay, unless enforce_eager
+        spec = config.speculative_config
+        self.proposer: Proposer | None = make_proposer(spec, config, device) if spec is not None else None
+        self.max_model_len = self.model_config.max_model_len  # capped by the cache in init_kv_cache
 
     # ---- set-up ----------------------------------------------------------------------------
     def load_model(self, show_progress: bool = True) -> None:
@@ -51,16 +58,28 @@ class ModelRunner:
         from engine.attention.backends.selector import get_attention_backend
 
         self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
+        if self.proposer is not None:
+            self.proposer.load(show_progress=False)
 
     def attention_layers(self) -> list:
         from engine.layers.attention import Attention
 
         return [m for m in self.model.modules() if isinstance(m, Attention)]
 
+    def weight_bytes(self) -> int:
+        """Bytes of parameters held: the model's and the proposer's (a draft model's)."""
+        return weight_bytes(self.model) + (self.proposer.weight_bytes() if self.proposer is not None else 0)
+
     def kv_bytes_per_block(self) -> int:
+        """Bytes of the target's K/V per block (what swapping moves)."""
         layers = self.attention_layers()
         elem = torch.empty((), dtype=self.model_config.dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in layers)
+
+    def cache_bytes_per_block(self) -> int:
+        """Bytes per block of every cache sized with the target's: its K/V and a draft model's."""
+        extra = self.proposer.kv_bytes_per_block() if self.proposer is not None else 0
+        return self.kv_bytes_per_block() + extra
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocates every layer's K and V cache (zeroed, so unwritten slots are finite)."""
@@ -71,35 +90,10 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
             attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
             self.kv_caches.append((k, v))
-        self._maybe_capture_graphs()
-
-    def _maybe_capture_graphs(self) -> None:
-        cfg = self.config
-        if cfg.enforce_eager:
-            return
-        if self.device.type == "cpu":
-            self._maybe_use_kernel_plans()
-            return
-        if self.device.type != "cuda":
-            return
-        if cfg.parallel.tensor_parallel_size > 1 or getattr(self.attn_backend, "name", "") != "triton":
-            logger.info("CUDA graphs are used with one rank and the triton backend only; running eagerly")
-            return
-        from engine.worker.cuda_graph import CUDAGraphRunner
-
-        self.graph_runner = CUDAGraphRunner(self.model, cfg.scheduler.max_num_seqs, self.model_config.max_model_len,
-                                            self.block_size, self.device)
-        self.graph_runner.capture()
-
-    def _maybe_use_kernel_plans(self) -> None:
-        """CPU decode steps replayed as kernel plans (engine/worker/cpu_graph.py), recorded lazily."""
-        cfg = self.config
-        if cfg.parallel.tensor_parallel_size > 1 or getattr(self.attn_backend, "name", "") != "cpu":
-            return
-        from engine.worker.cpu_graph import CpuGraphRunner
-
-        self.graph_runner = CpuGraphRunner(self.model, self.attn_backend.kernels, cfg.scheduler.max_num_seqs,
-                                           self.model_config.max_model_len, self.block_size)
+        self.max_model_len = min(self.model_config.max_model_len, num_blocks * self.block_size)
+        if self.proposer is not None:
+            self.proposer.init_cache(num_blocks)
+        self.graph_runner = make_step_graph_runner(self.config, self.model, self.attn_backend, self.device)
 
     @torch.inference_mode()
     def run_dummy_prefill(self, num_tokens: int, num_logits: int) -> None:
@@ -115,20 +109,12 @@ class ModelRunner:
             a.v_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
             a.backend = self.attn_backend
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=dev),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(nblocks, dtype=torch.int32, device=dev)[None],
-            num_decodes=0, max_query_len=num_tokens, max_seq_len=num_tokens, max_decode_seq_len=0,
-            block_size=bs, query_start_loc_host=[0, num_tokens], seq_lens_host=[num_tokens],
-        )
-        set_attention_metadata(meta)
+        meta, positions = build_attention_metadata([num_tokens], [0], [list(range(nblocks))], bs, dev)
         try:
-            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), torch.arange(num_tokens, device=dev))
+            with attention_context(meta):
+                hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), positions)
             self.model.compute_logits(hidden[-num_logits:])
         finally:
-            set_attention_metadata(None)
             for a, (k, v, b) in zip(layers, saved):
                 a.k_cache, a.v_cache, a.backend = k, v, b
 
@@ -193,68 +179,38 @@ class ModelRunner:
                 state.block_ids = list(data.new_block_ids)
             else:
                 state.block_ids.extend(data.new_block_ids)
+        for rid in so.preempted_req_ids:
+            if rid in self.requests:
+                self.requests[rid].draft_probs = None
+        if self.proposer is not None:
+            self.proposer.forget(so.finished_req_ids)
+            self.proposer.reset(so.preempted_req_ids)
 
     def _prepare(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        bs = self.block_size
-        num_reqs = len(so.req_ids)
-        counts = so.num_scheduled_tokens
-        input_ids: list[int] = []
-        for toks in so.token_ids:
-            input_ids.extend(toks)
-        states = [self.requests[r] for r in so.req_ids]
-        max_blocks = max(len(s.block_ids) for s in states)
-        tables = torch.zeros((num_reqs, max_blocks), dtype=torch.int32)
-        for i, s in enumerate(states):
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
-        counts_t = torch.tensor(counts, dtype=torch.int64)
-        starts_t = torch.tensor(so.num_computed_tokens, dtype=torch.int64)
-        qsl = torch.zeros(num_reqs + 1, dtype=torch.int64)
-        torch.cumsum(counts_t, 0, out=qsl[1:])
-        total = int(qsl[-1])
-        req_of_token = torch.repeat_interleave(torch.arange(num_reqs), counts_t)
-        positions = torch.arange(total) - qsl[:-1][req_of_token] + starts_t[req_of_token]
-        block_of_token = tables[req_of_token, positions // bs].long()
-        slot_mapping = block_of_token * bs + positions % bs
-        seq_lens = starts_t + counts_t
-        seq_lens_host = seq_lens.tolist()
-        qsl_host = qsl.tolist()
         num_decodes = 0
-        for c, sample in zip(counts, so.sample):
-            if c == 1 and sample:
-                num_decodes += 1
-            else:
+        for c, sample in zip(so.num_scheduled_tokens, so.sample):
+            if c != 1 or not sample:
                 break
-        # positions whose logits are needed: the last token of every request that samples
-        logits_indices = torch.tensor([qsl_host[i + 1] - 1 for i in range(num_reqs) if so.sample[i]], dtype=torch.int64)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(dev),
-            query_start_loc=qsl.to(torch.int32).to(dev),
-            seq_lens=seq_lens.to(torch.int32).to(dev),
-            block_tables=tables.to(dev),
-            num_decodes=num_decodes,
-            max_query_len=max(counts),
-            max_seq_len=max(seq_lens_host),
-            max_decode_seq_len=max(seq_lens_host[:num_decodes]) if num_decodes else 0,
-            block_size=bs,
-            query_start_loc_host=qsl_host,
-            seq_lens_host=seq_lens_host,
+            num_decodes += 1
+        meta, positions = build_attention_metadata(
+            so.num_scheduled_tokens, so.num_computed_tokens, [self.requests[r].block_ids for r in so.req_ids],
+            self.block_size, self.device, num_decodes,
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev)
-        return ids, positions.to(dev), meta, logits_indices.to(dev)
+        qsl = meta.query_start_loc_host
+        # positions whose logits are needed: the last token of every request that samples
+        logits_indices = torch.tensor([qsl[i + 1] - 1 for i, s in enumerate(so.sample) if s], dtype=torch.int64)
+        ids = torch.tensor([t for toks in so.token_ids for t in toks], dtype=torch.int64)
+        return ids.to(self.device), positions, meta, logits_indices.to(self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  so: SchedulerOutput) -> torch.Tensor:
-        """Hidden states of every scheduled token: a captured graph for pure-decode steps, else eager."""
+        """Hidden states of every scheduled token: a replayed graph for pure-decode steps, else eager."""
         gr = self.graph_runner
         if (gr is not None and meta.num_decodes == meta.num_requests and not so.spec_token_ids
                 and gr.bucket(meta.num_requests) is not None):
             return gr.run(input_ids, positions, meta)
-        set_attention_metadata(meta)
-        try:
+        with attention_context(meta):
             return self.model(input_ids, positions)
-        finally:
-            set_attention_metadata(None)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -270,10 +226,18 @@ class ModelRunner:
                 self.model.compute_logits, hidden, so.req_ids, so.num_scheduled_tokens,
                 so.num_computed_tokens, meta.query_start_loc_host, self.requests,
             )
+        sampled, logprobs = self._sample(hidden, so, meta, logits_indices)
+        drafts = self._propose(so, sampled) if self.proposer is not None else {}
+        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps, drafts)
+
+    def _sample(self, hidden: torch.Tensor, so: SchedulerOutput, meta: AttentionMetadata,
+                logits_indices: torch.Tensor) -> tuple[list[list[int]], list]:
+        """Tokens (and logprobs) per scheduled row: verified proposals plus one token where the row
+        carried proposals (engine/spec_decode/verify.py), one sampled token for the other rows."""
         sampled_rows = [i for i, s in enumerate(so.sample) if s]
         sampled: list[list[int]] = [[] for _ in so.req_ids]
         logprobs: list = [None for _ in so.req_ids]
-        if so.spec_token_ids:  # speculative decoding: verify proposals (engine/spec_decode/verify.py)
+        if so.spec_token_ids:
             spec = [j for j, i in enumerate(sampled_rows) if so.spec_token_ids.get(so.req_ids[i])]
             if spec:
                 from engine.spec_decode.verify import verify_spec_rows
@@ -284,11 +248,10 @@ class ModelRunner:
                 logits_indices = logits_indices[torch.tensor(plain, dtype=torch.int64, device=logits_indices.device)]
                 sampled_rows = [sampled_rows[j] for j in plain]
         if not sampled_rows:
-            return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps)
+            return sampled, logprobs
         logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
         states = [self.requests[so.req_ids[i]] for i in sampled_rows]
-        meta_s = SamplingMetadata.build(states, logits.shape[-1], self.device)
-        out = self.sampler(logits, meta_s)
+        out = self.sampler(logits, SamplingMetadata.build(states, logits.shape[-1], self.device))
         tokens = out.token_ids.tolist()
         lp = out.logprobs.tolist() if out.logprobs is not None else None
         lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
@@ -300,4 +263,33 @@ class ModelRunner:
                 k = state.sampling_params.logprobs
                 n = len(lp_ids[j]) if k == -1 else 1 + k
                 logprobs[row] = [(lp_ids[j][:n], lp[j][:n], ranks[j])]
-        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps)
+        return sampled, logprobs
+
+    def _propose(self, so: SchedulerOutput, sampled: list[list[int]]) -> dict[str, list[int]]:
+        """Proposals for the next step of every row that just sampled, each capped so it cannot pass
+        max_tokens or the longest sequence, nor (a draft model) the KV slots the scheduler gave it."""
+        asks: list[DraftRequest] = []
+        for i, rid in enumerate(so.req_ids):
+            if not sampled[i]:
+                continue
+            state = self.requests[rid]
+            state.draft_probs = None
+            tokens = state.prompt_token_ids + state.output_token_ids
+            limit = min(
+                state.sampling_params.max_tokens - len(state.output_token_ids) - 1,  # the next step yields one too
+                self.max_model_len - len(tokens),  # positions of the proposals must exist
+            )
+            if self.proposer.writes_kv:  # proposal j reads the K/V written at position len - 1 + j
+                end = so.num_computed_tokens[i] + so.num_scheduled_tokens[i] + so.lookahead_slots.get(rid, 0)
+                limit = min(limit, end - (len(tokens) - 1))
+            if limit > 0:
+                asks.append(DraftRequest(rid, tokens, state.block_ids, limit, state.sampling_params))
+        if not asks:
+            return {}
+        drafts = self.proposer.propose(asks)
+        out = {}
+        for ask, toks, q in zip(asks, drafts.token_ids, drafts.probs):
+            if toks:
+                out[ask.req_id] = toks
+                self.requests[ask.req_id].draft_probs = q
+        return out

@@ -28,6 +28,9 @@ class CachedRequestState:
     num_generator_draws: int = 0  # sampling steps drawn from the generator (one per output token)
     penalty: PenaltyState | None = field(default=None, repr=False)
     allowed_mask: torch.Tensor | None = field(default=None, repr=False)  # [V] bool: True = not allowed
+    # speculative decoding: the draft's distributions [len, V] for the proposals made for this
+    # request's next step (None: none, or chosen deterministically)
+    draft_probs: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, data, device: torch.device) -> "CachedRequestState":

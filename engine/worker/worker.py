@@ -63,7 +63,7 @@ class Worker:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        per_block = self.kv_bytes_per_block()
+        per_block = self.runner.cache_bytes_per_block()  # the target's K/V and a draft model's
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
@@ -89,13 +89,8 @@ class Worker:
         return out if self.rank == 0 else None
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters this rank holds (shared/tied tensors counted once)."""
-        seen, total = set(), 0
-        for p in self.runner.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-        return total
+        """Bytes of parameters this rank holds: its shard of the model and of a draft model."""
+        return self.runner.weight_bytes()
 
     def check_health(self) -> bool:
         return True

@@ -78,7 +78,7 @@ def test_steps_do_not_block_the_loop_and_abort_frees_blocks(tiny_model_path):
         stop.set()
         await tick
         for _ in range(100):  # the stats snapshot is refreshed after the abort is applied
-            if engine.get_stats()["kv_blocks_used"] == 0:
+            if engine.get_stats().kv_cache.kv_blocks_used == 0:
                 break
             await asyncio.sleep(0.05)
         await engine.shutdown()

@@ -23,6 +23,13 @@ CASES = [
     ("prompt empty string", CMPL, {"prompt": ""}, 400, "prompt"),
     ("prompt mixed list", CMPL, {"prompt": ["a", 5]}, 400, "prompt"),
     ("prompt token id out of vocab", CMPL, {"prompt": [1, 2, 10**6]}, 400, "prompt"),
+    ("prompt token id out of vocab in a batch", CMPL, {"prompt": [[1, 2], [3, 10**6]]}, 400, "prompt"),
+    ("stop_token_ids out of vocab", CMPL, {"prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ("allowed_token_ids out of vocab", CMPL, {"prompt": "hi", "allowed_token_ids": [1, 10**6]}, 400,
+     "allowed_token_ids"),
+    ("logit_bias id out of vocab", CMPL, {"prompt": "hi", "logit_bias": {"1000000": 1}}, 400, "logit_bias"),
+    ("chat stop_token_ids out of vocab", CHAT, {"messages": USER, "stop_token_ids": [10**6]}, 400,
+     "stop_token_ids"),
     ("prompt longer than context", CMPL, {"prompt": LONG_TEXT}, 400, "prompt"),
     ("prompt + max_tokens over context", CMPL, {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     ("max_tokens 0", CMPL, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
@@ -183,3 +190,21 @@ def test_openai_client_surfaces_errors(client):
         client.chat.completions.create(model="gpt-4o", messages=USER)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL_NAME, messages=USER, stream=True, temperature=-1)
+
+
+@pytest.mark.parametrize(
+    "path,body,param,words",
+    [
+        (CMPL, {"prompt": [7, 49152]}, "prompt", "out of range [0, 49152)"),
+        (CMPL, {"prompt": "hi", "stop_token_ids": [5, 49152]}, "stop_token_ids", "outside the vocabulary"),
+        (CHAT, {"messages": USER, "logit_bias": {"60000": 1}}, "logit_bias", "outside the vocabulary"),
+        ("/detokenize", {"tokens": [1, 49152]}, "tokens", "out of range [0, 49152)"),
+    ],
+)
+def test_input_processor_errors_keep_openais_shape(server, path, body, param, words):
+    """The engine's InputProcessor checks the ids; the server reports them as OpenAI's 400."""
+    status, out = http(server, "POST", path, body)
+    assert_error(status, out, 400, param)
+    assert out["error"]["type"] == "invalid_request_error" and out["error"]["code"] is None
+    assert words in out["error"]["message"], out
+    assert_still_serving(server)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL_NAME, http, tokenize
+from tests.server.conftest import API_KEY, MODEL_NAME, NUM_BLOCKS, http, tokenize
+from tests.server.golden_metrics import METRIC_FAMILIES
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +84,19 @@ def test_metrics_counters_and_histograms(server, client):
     for _ in range(2):
         client.completions.create(model=MODEL_NAME, prompt=long_prompt, max_tokens=1)
     assert metric(wait_for(server, idle), "vllm:prefix_cache_hits_total") >= hits0 + 16
+
+
+def test_metrics_families_unchanged(server, client):
+    """Typed stats left /metrics as it was: every family (name, type, HELP), in the same order."""
+    client.completions.create(model=MODEL_NAME, prompt="Families", max_tokens=2)
+    status, text = http(server, "GET", "/metrics", auth=False)
+    assert status == 200
+    helps = re.findall(r"^# HELP (\S+) (.+)$", text, re.M)
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    assert [(name, types[name], help) for name, help in helps] == [tuple(f) for f in METRIC_FAMILIES]
+    samples = scrape(server)
+    assert metric(samples, "vllm:kv_cache_blocks_total") == NUM_BLOCKS
+    assert metric(samples, "vllm:engine_scheduler_num_steps") > 0
 
 
 def _raw_post(server, path: str, body: dict) -> socket.socket:

@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from enum import Enum
 
 import torch
 
 from engine.attention.metadata import AttentionMetadata
+
+
+class StepReplay(Enum):
+    """How a backend's decode steps can be recorded once and replayed (engine/worker/graph_runner.py)."""
+
+    NONE = "none"
+    CUDA_GRAPH = "cuda_graph"  # its kernels are capturable into a CUDA graph
+    KERNEL_PLAN = "kernel_plan"  # its kernels are C calls a CPU kernel plan can record
 
 
 class AttentionBackend(ABC):
@@ -17,6 +26,7 @@ class AttentionBackend(ABC):
     """
 
     name: str = "base"
+    step_replay: StepReplay = StepReplay.NONE
 
     @abstractmethod
     def forward(

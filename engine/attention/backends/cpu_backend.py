@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.attention.backends.base import StepReplay
 from engine.attention.backends.torch_backend import TorchAttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels import torch_ref
@@ -19,6 +20,7 @@ from engine.kernels.cpu.plan import empty
 
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
+    step_replay = StepReplay.KERNEL_PLAN
 
     def __init__(self, kernels: CpuFp32Kernels) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.backends.base import AttentionBackend
+from engine.attention.backends.base import AttentionBackend, StepReplay
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
@@ -13,6 +13,7 @@ from engine.kernels.prefill_attention import paged_prefill_attention
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    step_replay = StepReplay.CUDA_GRAPH
 
     def forward(
         self,

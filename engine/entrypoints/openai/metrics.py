@@ -2,37 +2,95 @@
 
 Names follow vLLM's (``vllm:num_requests_running``, ``vllm:time_to_first_token_seconds``, ...) so
 dashboards and load generators written for vLLM read them unchanged. Engine stats without a vLLM
-name (for instance the speculative-decoding counters) are exported as ``vllm:engine_<key>``.
+name (for instance the scheduler's step counters) are exported as ``vllm:engine_<old stats key>``.
+ENGINE_METRICS is the one table from EngineStats fields to metric names; its order is the
+order of the output.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from operator import attrgetter
 
-from engine.core.async_engine import AsyncLLMEngine, Histogram
+from engine.core.engine_client import EngineClient
+from engine.core.request_metrics import Histogram
+from engine.core.stats import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# engine stat -> (metric name, type, help)
-_KNOWN = {
-    "num_running": ("vllm:num_requests_running", "gauge", "Requests running on the engine."),
-    "num_waiting": ("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled."),
-    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full)."),
-    "kv_blocks_used": ("vllm:kv_cache_blocks_used", "gauge", "KV-cache blocks held by requests."),
-    "kv_blocks_total": ("vllm:kv_cache_blocks_total", "gauge", "KV-cache blocks in all."),
-    "prefix_cache_queries": (
-        "vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."
-    ),
-    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache."),
-    "scheduler_num_preemptions": ("vllm:num_preemptions_total", "counter", "Requests preempted."),
-    "prompt_tokens_total": ("vllm:prompt_tokens_total", "counter", "Prefill tokens processed."),
-    "generation_tokens_total": ("vllm:generation_tokens_total", "counter", "Tokens generated."),
-    "num_swapped": ("vllm:num_requests_swapped", "gauge", "Requests whose KV blocks are swapped out to host memory."),
-    "spec_num_drafts": ("vllm:spec_decode_num_drafts_total", "counter", "Request-steps that verified proposals."),
-    "spec_num_draft_tokens": ("vllm:spec_decode_num_draft_tokens_total", "counter", "Proposed tokens verified."),
-    "spec_num_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted."),
-}
-_SKIP = {"kv_blocks_free"}
+
+@dataclass(frozen=True)
+class EngineMetric:
+    name: str
+    kind: str  # "gauge" or "counter"
+    help: str
+    field: str  # dotted path into EngineStats, e.g. "kv_cache.kv_blocks_used"
+
+    def value(self, stats: EngineStats) -> float:
+        return attrgetter(self.field)(stats)
+
+
+def _stat(key: str, field: str) -> EngineMetric:
+    """A stat with no vLLM name: a gauge named after its key in the old stats dict."""
+    return EngineMetric(f"vllm:engine_{key}", "gauge", f"Engine stat {key}.", field)
+
+
+def _scheduler(name: str) -> EngineMetric:
+    return _stat(f"scheduler_{name}", f"scheduler.{name}")
+
+
+ENGINE_METRICS: tuple[EngineMetric, ...] = (
+    EngineMetric("vllm:num_requests_running", "gauge", "Requests running on the engine.", "num_running"),
+    EngineMetric("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", "num_waiting"),
+    EngineMetric("vllm:num_requests_swapped", "gauge", "Requests whose KV blocks are swapped out to host memory.",
+                 "num_swapped"),
+    EngineMetric("vllm:kv_cache_blocks_total", "gauge", "KV-cache blocks in all.", "kv_cache.kv_blocks_total"),
+    EngineMetric("vllm:kv_cache_blocks_used", "gauge", "KV-cache blocks held by requests.", "kv_cache.kv_blocks_used"),
+    _stat("kv_blocks_cached", "kv_cache.kv_blocks_cached"),
+    EngineMetric("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).",
+                 "kv_cache.kv_cache_usage"),
+    _stat("kv_host_blocks_total", "kv_cache.kv_host_blocks_total"),
+    _stat("kv_host_blocks_free", "kv_cache.kv_host_blocks_free"),
+    EngineMetric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                 "kv_cache.prefix_cache_queries"),
+    EngineMetric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+                 "kv_cache.prefix_cache_hits"),
+    _stat("prefix_cache_hit_rate", "kv_cache.prefix_cache_hit_rate"),
+    _stat("prefix_cache_evictions", "kv_cache.prefix_cache_evictions"),
+    _stat("shared_prompt_tokens", "kv_cache.shared_prompt_tokens"),
+    _stat("cow_copies", "kv_cache.cow_copies"),
+    _stat("swapped_out_blocks", "kv_cache.swapped_out_blocks"),
+    _stat("swapped_in_blocks", "kv_cache.swapped_in_blocks"),
+    _stat("swap_in_cache_hits", "kv_cache.swap_in_cache_hits"),
+    _scheduler("num_steps"),
+    EngineMetric("vllm:num_preemptions_total", "counter", "Requests preempted.", "scheduler.num_preemptions"),
+    _scheduler("num_recompute_preemptions"),
+    _scheduler("num_swap_preemptions"),
+    _scheduler("num_priority_preemptions"),
+    _scheduler("num_swap_ins"),
+    _scheduler("num_forked_samples"),
+    _scheduler("num_prefill_tokens"),
+    _scheduler("num_decode_tokens"),
+    _scheduler("last_num_decodes"),
+    _scheduler("last_num_prefills"),
+    _scheduler("last_num_scheduled_tokens"),
+    _scheduler("last_num_preempted"),
+    _scheduler("last_num_running"),
+    _scheduler("last_num_waiting"),
+    _scheduler("last_num_swapped"),
+    EngineMetric("vllm:prompt_tokens_total", "counter", "Prefill tokens processed.", "prompt_tokens_total"),
+    EngineMetric("vllm:generation_tokens_total", "counter", "Tokens generated.", "generation_tokens_total"),
+    EngineMetric("vllm:spec_decode_num_drafts_total", "counter", "Request-steps that verified proposals.",
+                 "spec_decoding.num_drafts"),
+    EngineMetric("vllm:spec_decode_num_draft_tokens_total", "counter", "Proposed tokens verified.",
+                 "spec_decoding.num_draft_tokens"),
+    EngineMetric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted.",
+                 "spec_decoding.num_accepted_tokens"),
+    _stat("spec_acceptance_rate", "spec_decoding.acceptance_rate"),
+    _stat("spec_mean_accepted_length", "spec_decoding.mean_accepted_length"),
+)
+# EngineStats fields deliberately not exported (the free count is total - used)
+UNEXPORTED_FIELDS = frozenset({"kv_cache.kv_blocks_free", "spec_decoding.accepted_per_position"})
 
 
 def _fmt(v: float) -> str:
@@ -51,11 +109,6 @@ def _labels(base: dict[str, str], **extra: str) -> str:
 
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _metric_name(key: str) -> str:
-    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in key)
-    return f"vllm:engine_{safe}"
 
 
 class _Writer:
@@ -82,14 +135,11 @@ class _Writer:
         self.sample(f"{name}_count", count)
 
 
-def render_metrics(engine: AsyncLLMEngine, model_name: str) -> str:
+def render_metrics(engine: EngineClient, model_name: str) -> str:
     w = _Writer({"model_name": model_name})
-    stats: dict[str, Any] = engine.get_stats()
-    for key, value in stats.items():
-        if key in _SKIP or not isinstance(value, (int, float)):
-            continue
-        name, kind, help = _KNOWN.get(key, (_metric_name(key), "gauge", f"Engine stat {key}."))
-        w.scalar(name, kind, help, value)
+    stats = engine.get_stats()
+    for metric in ENGINE_METRICS:
+        w.scalar(metric.name, metric.kind, metric.help, metric.value(stats))
     m = engine.metrics
     w.scalar("vllm:engine_healthy", "gauge", "1 while the engine runs, 0 after it failed.", 0 if engine.errored else 1)
     w.header("vllm:request_success_total", "counter", "Finished requests, by finish reason (abort: client gone).")

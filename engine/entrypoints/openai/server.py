@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import hmac
 import json
 import logging
@@ -13,7 +14,7 @@ from aiohttp import web
 from engine import __version__ as ENGINE_VERSION
 from engine.config import EngineArgs
 from engine.core.async_engine import AsyncLLMEngine
-from engine.core.llm_engine import load_tokenizer
+from engine.core.engine_client import EngineClient
 from engine.entrypoints.chat_utils import render_chat
 from engine.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES
 from engine.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render_metrics
@@ -26,7 +27,7 @@ from engine.models.default_model import DEFAULT_MODEL_NAME
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ENGINE_KEY = web.AppKey("engine", AsyncLLMEngine)
+ENGINE_KEY = web.AppKey("engine", EngineClient)
 STATE_KEY = web.AppKey("state", object)
 
 
@@ -53,7 +54,7 @@ def _too_large(size: int | None, limit: int) -> OpenAIError:
 
 
 class _State:
-    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, tokenizer: Any, api_key: str | None,
+    def __init__(self, engine: EngineClient, config: ServerConfig, tokenizer: Any, api_key: str | None,
                  max_body: int, model_root: str) -> None:
         self.engine = engine
         self.config = config
@@ -183,7 +184,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 # ---- app ---------------------------------------------------------------------------------------
 def build_app(
-    engine: AsyncLLMEngine,
+    engine: EngineClient,
     config: ServerConfig,
     tokenizer: Any,
     *,
@@ -234,9 +235,12 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         response_role=ns.response_role,
         chat_template=_chat_template(ns.chat_template),
     )
+    # the server's own tokenizer: the engine's is busy on the engine thread (not started yet, so
+    # copying it is safe)
+    tokenizer = copy.deepcopy(engine.get_tokenizer())
     app = build_app(
-        engine, config, load_tokenizer(engine.engine.config), api_key=ns.api_key,
-        max_body=ns.max_request_body_bytes, model_root=str(engine.engine.config.model.path),
+        engine, config, tokenizer, api_key=ns.api_key,
+        max_body=ns.max_request_body_bytes, model_root=engine.model_config.model_path,
     )
     logger.info("serving %s on http://%s:%d", names[0], ns.host, ns.port)
     web.run_app(

@@ -108,7 +108,8 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = self.check_length(len(ids), max_tokens, "messages")
         params = self.make_params(max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None, **kw)
         request_id = random_id("chatcmpl")
-        streams = await self.add_all(request_id, [{"prompt_token_ids": ids}], params, stream, priority)
+        inputs = await self.process_inputs([{"prompt_token_ids": ids}], params, "messages")
+        streams = await self.add_all(request_id, inputs, stream, priority)
         ctx = _Ctx(request_id, now_int(), model, params.n, (top_logprobs or 0) if logprobs else None, len(ids))
         try:
             if stream:

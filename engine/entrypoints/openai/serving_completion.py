@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.core.input_processor import PromptType
 from engine.errors import EngineDeadError
 from engine.outputs import Logprob, RequestOutput
 from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, random_id
@@ -68,8 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if isinstance(item, str):
                 prompts.append(_Prompt(item, await self.in_tokenizer_thread(self.tokenizer.encode, item)))
             elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-                self.check_ids(item, "prompt")
-                prompts.append(_Prompt(None, list(item)))
+                prompts.append(_Prompt(None, list(item)))  # the InputProcessor checks the ids
             else:
                 raise err
         return prompts
@@ -97,11 +97,12 @@ class OpenAIServingCompletion(OpenAIServing):
             **kw,
         )
         request_id = random_id("cmpl")
-        engine_prompts = [
+        engine_prompts: list[PromptType] = [
             {"prompt": p.text, "prompt_token_ids": p.ids} if p.text is not None else {"prompt_token_ids": p.ids}
             for p in prompts
         ]
-        streams = await self.add_all(request_id, engine_prompts, params, stream, priority)
+        inputs = await self.process_inputs(engine_prompts, params, "prompt")
+        streams = await self.add_all(request_id, inputs, stream, priority)
         ctx = _Ctx(request_id, now_int(), model, params.n, echo, num_logprobs, prompts)
         try:
             if stream:

@@ -11,7 +11,8 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from engine.core.async_engine import AsyncLLMEngine, RequestStream
+from engine.core.engine_client import EngineClient, OutputStream
+from engine.core.input_processor import InvalidInputError, ProcessedInput, PromptType
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -54,6 +55,15 @@ def engine_dead_error(e: BaseException, status: int = 503) -> OpenAIError:
 
 def clamp_logprob(lp: float) -> float:
     return max(lp, MIN_LOGPROB)
+
+
+def input_error(e: ValueError, prompt_param: str) -> OpenAIError:
+    """The engine's verdict on a request input as a 400 naming the request field at fault: the
+    InputProcessor's field, except that the prompt is called what this endpoint calls it."""
+    param = getattr(e, "param", None)
+    if param in (None, "prompt", "prompt_token_ids"):
+        param = prompt_param
+    return OpenAIError(str(e), param=param)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -116,7 +126,7 @@ class ServerConfig:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, tokenizer: Any) -> None:
+    def __init__(self, engine: EngineClient, config: ServerConfig, tokenizer: Any) -> None:
         self.engine = engine
         self.config = config
         # a tokenizer of our own: the engine thread uses the engine's, and HF fast tokenizers
@@ -124,9 +134,11 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self._tokenize_pool = _tokenize_pool()
         self.token_bytes = TokenBytes(tokenizer)
-        sched = engine.engine.scheduler
-        self.max_model_len = min(engine.engine.config.model.max_model_len, sched.max_model_len)
-        self.vocab_size = engine.engine.config.model.vocab_size
+        self.max_model_len = engine.model_config.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
+        # the engine's request checks, run here (in the tokenizer thread, with our tokenizer) so the
+        # engine queues what we hand it without checking again
+        self.input_processor = engine.input_processor.with_tokenizer(tokenizer)
 
     async def in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
         """Runs a tokenizer call (encode, chat template) off the event loop: a long prompt takes
@@ -148,10 +160,23 @@ class OpenAIServing:
         return model
 
     def check_ids(self, ids: list[int], param: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OpenAIError(f"'{param}' has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
-                              param=param)
+        try:
+            self.input_processor.check_ids(ids, param)
+        except InvalidInputError as e:
+            raise input_error(e, param) from None
+
+    async def process_inputs(
+        self, prompts: list[PromptType], params: SamplingParams, prompt_param: str
+    ) -> list[ProcessedInput]:
+        """Every prompt's request checked and filled in by the engine's InputProcessor (token ids in
+        the vocabulary, stop / allowed / logit_bias ids, logprob caps); bad input is a 400."""
+        def process() -> list[ProcessedInput]:
+            return [self.input_processor.process(p, params) for p in prompts]
+
+        try:
+            return await self.in_tokenizer_thread(process)
+        except ValueError as e:
+            raise input_error(e, prompt_param) from None
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """Returns max_tokens (defaulted to what fits); rejects what cannot fit the context."""
@@ -201,11 +226,6 @@ class OpenAIServing:
             raise OpenAIError("'top_k' must be -1 (disabled) or at least 1, got 0", param="top_k")
         if kw["top_k"] >= self.vocab_size:  # keeps every token: the same as no top-k
             kw["top_k"] = 0
-        self.check_ids(kw["stop_token_ids"], "stop_token_ids")
-        if kw["allowed_token_ids"] is not None:
-            self.check_ids(kw["allowed_token_ids"], "allowed_token_ids")
-        if kw["logit_bias"]:
-            self.check_ids(list(kw["logit_bias"]), "logit_bias")
         best_of = body.int("best_of", None, lo=1)
         if best_of is not None and best_of != kw["n"]:
             raise OpenAIError("'best_of' other than n is not supported", param="best_of")
@@ -222,37 +242,39 @@ class OpenAIServing:
             raise OpenAIError(msg, param=param) from None
 
     async def add_all(
-        self, base_id: str, prompts: list[dict], params: SamplingParams, stream: bool, priority: int = 0
-    ) -> list[RequestStream]:
-        """Submits one engine request per prompt; on any failure aborts the ones already added."""
-        streams: list[RequestStream] = []
+        self, base_id: str, inputs: list[ProcessedInput], stream: bool, priority: int = 0
+    ) -> list[OutputStream]:
+        """Submits one engine request per processed prompt; on any failure aborts the ones already added."""
+        streams: list[OutputStream] = []
         try:
-            for i, prompt in enumerate(prompts):
+            for i, processed in enumerate(inputs):
                 streams.append(await self.engine.add_request(
-                    f"{base_id}-{i}", prompt, params, stream=stream, priority=priority
+                    f"{base_id}-{i}", processed, stream=stream, priority=priority
                 ))
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])
             if isinstance(e, EngineDeadError):
                 raise engine_dead_error(e) from None
+            if isinstance(e, InvalidInputError):
+                raise OpenAIError(str(e), param=e.param) from None
             if isinstance(e, ValueError):
                 raise OpenAIError(str(e)) from None
             raise
         return streams
 
-    def abort_unfinished(self, streams: list[RequestStream]) -> None:
+    def abort_unfinished(self, streams: list[OutputStream]) -> None:
         ids = [s.request_id for s in streams if not s.finished]
         if ids:
             logger.info("aborting %d request(s) whose client went away: %s", len(ids), ids[:4])
             self.engine.abort(ids)
 
     @staticmethod
-    async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
+    async def final_outputs(streams: list[OutputStream]) -> list[RequestOutput]:
         """Waits for every request's final output (non-streaming requests deliver only that)."""
         return list(await asyncio.gather(*(s.get() for s in streams)))
 
     @staticmethod
-    async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def merged(streams: list[OutputStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, delta output) from several requests, in arrival order."""
         if len(streams) == 1:
             async for out in streams[0]:
@@ -260,7 +282,7 @@ class OpenAIServing:
             return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
 
-        async def pump(i: int, s: RequestStream) -> None:
+        async def pump(i: int, s: OutputStream) -> None:
             try:
                 async for out in s:
                     queue.put_nowait((i, out))

@@ -1,7 +1,11 @@
-"""How a linear layer multiplies: the interface quantization methods implement."""
+"""How a linear layer multiplies: the interfaces quantization methods and schemes implement.
+
+Nothing here (or anywhere in this package) imports the layer modules: a layer says what it is
+through its ``quant_kind`` class attribute, and a scheme picks a method from that."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,23 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class LayerKind(str, Enum):
+    """What a matmul layer is, as far as quantization cares (a layer's ``quant_kind``)."""
+
+    LINEAR = "linear"  # engine.layers.linear.LinearBase and its subclasses
+    LM_HEAD = "lm_head"  # engine.layers.embedding.ParallelLMHead
+
+
+class QuantizationScheme(ABC):
+    """One ``quantization=`` value: which layer gets which :class:`LinearMethod`."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def method_for(self, kind: LayerKind, name: str) -> LinearMethod | None:
+        """A fresh method for the layer called ``name`` of kind ``kind``, or None to leave it as loaded."""
 
 
 # Up to this many rows the fp32 CPU kernel beats torch's GEMM (which wins on large batches); wide

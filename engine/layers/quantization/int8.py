@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.quantization import cpu_kernels
-from engine.layers.quantization.base import LinearMethod
+from engine.layers.quantization.base import LayerKind, LinearMethod, QuantizationScheme
 
 EPS = 1e-12  # an all-zero row or group gets this amax instead of 0: scale > 0, no 0/0
 GROUP = 64  # input channels per activation scale
@@ -164,3 +164,21 @@ def int8_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if weight.dim() == 3:
         return weight[ids // 16, :, ids % 16]
     return F.embedding(ids, weight)
+
+
+# Linear layers int8 leaves in full precision, by name suffix (none: see docs/performance.md for
+# what keeping the MLP down projections in fp32 would buy and cost).
+INT8_FULL_PRECISION: tuple[str, ...] = ()
+
+
+class Int8Scheme(QuantizationScheme):
+    """``quantization="int8"``: W8A8 linear layers, a weight-only int8 LM head."""
+
+    name = "int8"
+
+    def method_for(self, kind: LayerKind, name: str) -> LinearMethod | None:
+        if kind == LayerKind.LM_HEAD:
+            return Int8WeightOnlyMethod()
+        if kind == LayerKind.LINEAR and not name.endswith(INT8_FULL_PRECISION):
+            return Int8LinearMethod()
+        return None

@@ -1,0 +1,114 @@
+"""Turns what a caller gives (a prompt and SamplingParams) into what the engine queues: token ids
+and a checked, filled-in copy of the params.
+
+One implementation for every front end: ``LLM`` / ``LLMEngine.add_request`` process here, and the
+OpenAI server processes here too (in its tokenizer thread, with its own tokenizer) and hands the
+result to the engine, which then queues it without checking again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+PromptType = str | dict | list[int]
+
+_PARAM_NAMES = frozenset(f.name for f in fields(SamplingParams))
+
+
+class InvalidInputError(ValueError):
+    """A request the engine cannot take; ``param`` names the input field at fault (the server
+    reports it as OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ProcessedInput:
+    """A validated request input, ready to queue."""
+
+    prompt: str | None  # the text, when the caller gave one
+    prompt_token_ids: list[int]
+    params: SamplingParams  # the caller's params, copied, validated and filled in from the tokenizer
+
+
+@dataclass(frozen=True)
+class InputProcessor:
+    tokenizer: Any
+    vocab_size: int
+    eos_token_ids: frozenset[int] = frozenset()
+    # the scheduler's admission check: raises PromptTooLongError for a prompt it could never run
+    check_prompt: Callable[[int], None] | None = None
+    max_logprobs: int = MAX_LOGPROBS
+
+    def with_tokenizer(self, tokenizer: Any) -> "InputProcessor":
+        """The same checks with another tokenizer (HF fast tokenizers must not be shared across threads)."""
+        return replace(self, tokenizer=tokenizer)
+
+    def process(self, prompt: PromptType, params: SamplingParams | None = None) -> ProcessedInput:
+        """Tokenizes and checks one request; raises ValueError (InvalidInputError naming the field,
+        or PromptTooLongError) for input the engine cannot take. ``params`` is not modified."""
+        params = params.clone() if params is not None else SamplingParams()
+        try:
+            params.validate()
+        except InvalidInputError:
+            raise
+        except ValueError as e:  # SamplingParams' messages start with the field's name
+            word = str(e).split(" ", 1)[0]
+            raise InvalidInputError(str(e), word if word in _PARAM_NAMES else None) from None
+        text, ids = self.tokenize_prompt(prompt)
+        if self.check_prompt is not None:
+            self.check_prompt(len(ids))
+        self.check_params(params)
+        try:
+            params.update_from_tokenizer(self.tokenizer, self.vocab_size)
+        except ValueError as e:  # bad_words that tokenize outside the vocabulary
+            raise InvalidInputError(str(e), "bad_words") from None
+        params.update_eos_token_ids(self.eos_token_ids)
+        return ProcessedInput(text, ids, params)
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a string, a list of token ids, or a dict with
+        ``prompt_token_ids`` and/or ``prompt``."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self.check_ids(prompt["prompt_token_ids"], "prompt_token_ids")
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise InvalidInputError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
+        if isinstance(prompt, (list, tuple)):
+            return None, self.check_ids(list(prompt), "prompt")
+        raise TypeError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """A copy of ``ids``; raises InvalidInputError(param) unless every one is in the vocabulary."""
+        vocab = self.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InvalidInputError(f"{param} must hold integer token ids, got {t!r}", param)
+            if not 0 <= t < vocab:
+                raise InvalidInputError(f"{param} has token id {t!r}, out of range [0, {vocab})", param)
+        return list(ids)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The checks SamplingParams cannot make alone: token ids against the vocabulary, logprob caps."""
+        vocab = self.vocab_size
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+            ("logit_bias", list(params.logit_bias or ())),
+        ):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidInputError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad[:5]}", name)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and (vocab if k == -1 else k) > self.max_logprobs:
+                raise InvalidInputError(
+                    f"{name}={k} asks for more than the maximum of {self.max_logprobs} logprobs", name
+                )

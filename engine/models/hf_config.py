@@ -1,0 +1,23 @@
+"""Reads a model directory's config.json, refusing architectures the engine has no class for.
+
+Its own module so that the engine config and the speculative-decoding config (which loads a draft
+model's config) both import it without importing each other."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelNotFoundError
+from engine.models.registry import check_architecture
+
+
+def load_hf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelNotFoundError(f"{cfg_file} is missing: a model directory needs config.json, *.safetensors and tokenizer files")
+    archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    check_architecture(archs[0] if archs else None)
+    return AutoConfig.from_pretrained(str(path))

@@ -1,0 +1,46 @@
+"""Decode steps recorded once and replayed: the interface CUDA graphs (engine/worker/cuda_graph.py)
+and CPU kernel plans (engine/worker/cpu_graph.py) share, and the choice between them, made once at
+start-up by what the attention backend can replay."""
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from engine.attention.backends.base import AttentionBackend, StepReplay
+from engine.attention.metadata import AttentionMetadata
+from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class StepGraphRunner(Protocol):
+    def bucket(self, num_reqs: int) -> int | None:
+        """The padded batch size a pure-decode step of ``num_reqs`` requests replays, or None."""
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states ``[num_reqs, hidden]`` of a pure-decode step, by replay."""
+
+
+def make_step_graph_runner(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend,
+                           device: torch.device) -> StepGraphRunner | None:
+    """The replay the backend supports on this device, or None (eager) under enforce_eager, with
+    tensor parallelism (a collective inside the pass) or a backend that cannot be replayed."""
+    if config.enforce_eager or backend.step_replay is StepReplay.NONE:
+        return None
+    if config.parallel.tensor_parallel_size > 1:
+        logger.info("decode steps are replayed with one rank only; running eagerly")
+        return None
+    sc, max_len, bs = config.scheduler, config.model.max_model_len, config.cache.block_size
+    if backend.step_replay is StepReplay.CUDA_GRAPH and device.type == "cuda":
+        from engine.worker.cuda_graph import CUDAGraphRunner
+
+        runner = CUDAGraphRunner(model, sc.max_num_seqs, max_len, bs, device)
+        runner.capture()
+        return runner
+    if backend.step_replay is StepReplay.KERNEL_PLAN and device.type == "cpu":
+        from engine.worker.cpu_graph import CpuGraphRunner
+
+        return CpuGraphRunner(model, backend.kernels, sc.max_num_seqs, max_len, bs)
+    return None
