@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.outputs import RequestMetrics
 from engine.sampling_params import SamplingParams
@@ -10,6 +11,7 @@ from engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
+    WAITING_FOR_FSM = enum.auto()  # queued, its grammar still compiling (engine/structured_output/)
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()  # waiting again, its KV freed (recompute) or swapped out to host memory
     FINISHED_STOPPED = enum.auto()
@@ -36,7 +38,8 @@ class Request:
     """One sequence being generated: its tokens, progress, KV blocks and state.
 
     ``num_computed_tokens`` counts tokens whose K/V are in the cache; the scheduler decides each
-    step how many more to compute. ``block_ids`` is the request's block table.
+    step how many more to compute. ``block_ids`` is the request's block table, read from the
+    KV-cache manager's list.
     """
 
     request_id: str
@@ -53,7 +56,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first scheduling
-    block_ids: list[int] = field(default_factory=list)
+    # its block table: the KV-cache manager's own list for it (set and changed only by the manager)
+    kv_blocks: list = field(default_factory=list, repr=False)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full blocks so far
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -61,11 +65,18 @@ class Request:
     resumed_step: int = -1  # step at which it was last (re)admitted: never preempt it in that step
     spec_token_ids: list[int] = field(default_factory=list)  # proposals to verify this step
     metrics: RequestMetrics | None = None
+    # structured outputs: its grammar and matcher (engine/structured_output/manager.py), or None
+    structured_output_request: Any = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:
             self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The block table as ids (read from the manager's table, never stored twice)."""
+        return [b.block_id for b in self.kv_blocks]
 
     @property
     def num_prompt_tokens(self) -> int:

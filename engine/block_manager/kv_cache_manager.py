@@ -41,7 +41,8 @@ class KVCacheInvariantError(RuntimeError):
 class KVCacheManager:
     """Hands out blocks to requests as their tokens are scheduled, and takes them back.
 
-    A request's table is ``request.block_ids``; this manager keeps the KVBlock objects so reference
+    A request's table is ``tables[request_id]`` (``request.kv_blocks`` is that same list and
+    ``request.block_ids`` reads it: no second copy); this manager keeps the KVBlock objects so reference
     counts stay exact. A block may appear in several tables (prefix hits, n > 1 sharing): it is
     reference counted, and a request about to write into a block it shares gets its own copy first.
     """
@@ -197,7 +198,7 @@ class KVCacheManager:
         num_new_blocks = self.blocks_needed(total) - len(table)
         if num_new_blocks > 0:
             table.extend(self.pool.allocate(num_new_blocks))
-        request.block_ids = [b.block_id for b in table]
+        request.kv_blocks = table
         self._cache_full_blocks(request, table, min(num_computed + num_new_tokens, request.num_tokens))
         return True
 
@@ -214,7 +215,7 @@ class KVCacheManager:
             self.num_cached_blocks.get(source.request_id, 0), num_tokens // self.block_size
         )
         request.block_hashes = list(source.block_hashes[: num_tokens // self.block_size])
-        request.block_ids = [b.block_id for b in shared]
+        request.kv_blocks = self.tables[request.request_id]
         self.stats.shared_prompt_tokens += num_tokens
 
     # ---- swapping --------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class KVCacheManager:
         self.num_cached_blocks.pop(rid, None)
         self.pool.free(list(reversed(table)))
         self.stats.swapped_out_blocks += keep
-        request.block_ids = []
+        request.kv_blocks = []
 
     def _swap_in_hits(self, request: Request) -> list[KVBlock]:
         """Leading full blocks of a swapped-out request still cached on the device (often its own,
@@ -276,7 +277,7 @@ class KVCacheManager:
         self._rewritten.add(rid)
         self.stats.swapped_in_blocks += len(fresh)
         self.stats.swap_in_cache_hits += len(hits)
-        request.block_ids = [b.block_id for b in table]
+        request.kv_blocks = table
 
     # ---- release ---------------------------------------------------------------------------
     def free(self, request: Request) -> None:
@@ -288,7 +289,7 @@ class KVCacheManager:
         self.pool.free(list(reversed(table)))
         self.host_pool.free(self.host_tables.pop(rid, []))
         self._rewritten.discard(rid)
-        request.block_ids = []
+        request.kv_blocks = []
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

@@ -42,6 +42,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
         'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'',
     )
+    g.add_argument(
+        "--structured-outputs-config", type=_json_dict, default=None,
+        help='structured outputs as JSON, e.g. \'{"backend": "xgrammar", "compile_timeout_s": 10}\' (docs/structured_outputs.md)',
+    )
 
 
 def _json_dict(text: str) -> dict:

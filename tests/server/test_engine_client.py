@@ -81,10 +81,11 @@ class FakeEngine:
     def start(self) -> None:
         pass
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float = 30.0) -> None:
         pass
 
-    async def add_request(self, request_id, prompt, params=None, *, stream=True, priority=0, arrival_time=None):
+    async def add_request(self, request_id, prompt, params=None, *, stream=True, priority=0, arrival_time=None,
+                          check_queue=True):
         assert isinstance(prompt, ProcessedInput) and params is None  # the server processed it already
         self.added.append(prompt)
         n = prompt.params.n
