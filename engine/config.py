@@ -10,6 +10,7 @@ import torch
 
 from engine.layers.quantization import quantization_methods
 from engine.models.hf_config import load_hf_config  # also importable from here (tests, benchmarks)
+from engine.structured_output.config import StructuredOutputsConfig
 
 
 class PreemptionMode(str, Enum):
@@ -48,6 +49,7 @@ class ModelConfig:
     max_model_len: int
     architecture: str
     quantization: str | None = None
+    gguf_file: Path | None = None  # quantization="gguf": the file whose blocks the layers keep
 
     @property
     def num_layers(self) -> int:
@@ -123,6 +125,7 @@ class EngineConfig:
     tokenizer: str | None = None
     speculative_config: Any = None  # engine.spec_decode.config.SpeculativeConfig once built
     enforce_eager: bool = False  # no CUDA graphs (they are only ever used on CUDA)
+    structured_outputs_config: Any = None  # engine.structured_output.config.StructuredOutputsConfig
 
 
 def default_device() -> torch.device:
@@ -172,6 +175,7 @@ class EngineArgs:
     device: str | None = None
     speculative_config: dict | None = None
     enforce_eager: bool = False
+    structured_outputs_config: dict | None = None  # engine/structured_output/config.py
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -210,6 +214,9 @@ class EngineArgs:
 
         self.validate()
         device = torch.device(self.device) if self.device else default_device()
+        from engine.layers.quantization.gguf import resolve_gguf
+
+        quantization, gguf_file = resolve_gguf(self.model, self.quantization)
         path = resolve_model_path(self.model)
         hf_config = load_hf_config(path)
         dtype = resolve_dtype(self.dtype, device, hf_config)
@@ -234,7 +241,8 @@ class EngineArgs:
             dtype=dtype,
             max_model_len=max_model_len,
             architecture=hf_config.architectures[0],
-            quantization=self.quantization,
+            quantization=quantization,
+            gguf_file=gguf_file,
         )
         cache = CacheConfig(
             block_size=self.block_size,
@@ -269,6 +277,7 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             speculative_config=speculative,
             enforce_eager=self.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig.from_dict(self.structured_outputs_config),
         )
 
 

@@ -6,10 +6,15 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from engine.structured_output.params import StructuredOutputsParams
+
 _SAMPLING_EPS = 1e-5
 _GREEDY_EPS = _SAMPLING_EPS
 # temperatures in (0, _MIN_TEMP) are raised to it: smaller ones overflow the softmax (vLLM does the same)
 _MIN_TEMP = 1e-2
+# finite bounds: 1e39 is inf in fp32, and -inf / inf logits are NaN
+_MAX_TEMP = 1e4
+_MIN_REP, _MAX_REP = 1e-4, 1e4
 # like vLLM's ModelConfig.max_logprobs: the most top logprobs a request may ask for
 MAX_LOGPROBS = 20
 
@@ -51,6 +56,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # constrain the output to a JSON schema, regex, choice, grammar or structural tag (one kind)
+    structured_outputs: StructuredOutputsParams | None = None
     # filled in by the engine: EOS ids plus stop_token_ids (suppressed until min_tokens), and the
     # token sequences of bad_words
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)
@@ -82,6 +89,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self.validate()
         if self.temperature < _SAMPLING_EPS:
             # greedy: the sampling filters cannot change the argmax
@@ -104,10 +113,12 @@ class SamplingParams:
             v = getattr(self, name)
             if not is_num(v) or not -2.0 <= v <= 2.0:
                 raise bad(name, f"must be in [-2, 2], got {v!r}")
-        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0.0:
-            raise bad("repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty!r}")
-        if not is_num(self.temperature) or self.temperature < 0.0:
-            raise bad("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        # bounded so that fp32 logits divided or multiplied by them stay finite (no NaN samples)
+        if not is_num(self.repetition_penalty) or not _MIN_REP <= self.repetition_penalty <= _MAX_REP:
+            raise bad("repetition_penalty",
+                      f"must be in [{_MIN_REP:g}, {_MAX_REP:g}], got {self.repetition_penalty!r}")
+        if not is_num(self.temperature) or not 0.0 <= self.temperature <= _MAX_TEMP:
+            raise bad("temperature", f"must be in [0, {_MAX_TEMP:g}], got {self.temperature!r}")
         if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < 0:
@@ -147,6 +158,8 @@ class SamplingParams:
                     raise bad("logit_bias", f"values must be in [-100, 100], got {v}")
         if self.n > 1 and self.temperature < _SAMPLING_EPS:
             raise bad("n", f"must be 1 when using greedy sampling (temperature=0), got {self.n}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
         for name in ("detokenize", "skip_special_tokens", "spaces_between_special_tokens",
                      "include_stop_str_in_output", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):

@@ -45,6 +45,9 @@ class _Client:
     def get_stats(self) -> EngineStats:
         return self.stats
 
+    def num_queued_requests(self) -> int:
+        return 0
+
 
 def test_engine_stats_after_a_real_generate(llm):
     before = llm.get_stats()
@@ -127,7 +130,7 @@ def test_metrics_text_keeps_the_old_families_and_values():
     spec = SpecDecodingStats(num_drafts=2, num_draft_tokens=6, num_accepted_tokens=3)
     stats = EngineStats(num_running=3, num_waiting=1, prompt_tokens_total=40, generation_tokens_total=9,
                         scheduler=sched, kv_cache=kv, spec_decoding=spec)
-    text = render_metrics(_Client(stats), "m")
+    text = render_metrics(_Client(stats), "m", rejections={})
     assert _families(text) == [tuple(f) for f in METRIC_FAMILIES]
     for line in (
         'vllm:num_requests_running{model_name="m"} 3',
@@ -149,5 +152,5 @@ def test_metrics_text_keeps_the_old_families_and_values():
 
 def test_metrics_of_a_real_engine_have_the_old_families(llm):
     llm.generate("hello there", SamplingParams(max_tokens=2), use_tqdm=False)
-    text = render_metrics(_Client(llm.get_stats()), "m")
+    text = render_metrics(_Client(llm.get_stats()), "m", rejections={})
     assert _families(text) == [tuple(f) for f in METRIC_FAMILIES]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from engine.config import EngineArgs
-from engine.core.engine_client import EngineClient, ModelInfo
+from engine.core.engine_client import EngineClient, ModelInfo, QueueFullError
 from engine.core.input_processor import InputProcessor, ProcessedInput, PromptType
 from engine.core.llm_engine import LLMEngine
 from engine.core.request_metrics import (  # noqa: F401 - Histogram and the buckets were defined here
@@ -67,6 +67,13 @@ class _Add:
     out: RequestStream
     done: Callable[[BaseException | None], None]
 
+    @property
+    def num_sequences(self) -> int:
+        """How many scheduler requests this adds (n samples)."""
+        params = self.params if self.params is not None else getattr(self.prompt, "params", None)
+        n = getattr(params, "n", 1)
+        return n if isinstance(n, int) and n > 0 else 1
+
 
 @dataclass
 class _Abort:
@@ -94,8 +101,14 @@ class _StatLog:
 class AsyncLLMEngine(EngineClient):
     """The EngineClient the server talks to, around one LLMEngine."""
 
-    def __init__(self, engine: LLMEngine, log_stats: bool = True, log_stats_interval: float = 5.0) -> None:
+    def __init__(self, engine: LLMEngine, log_stats: bool = True, log_stats_interval: float = 5.0,
+                 max_num_queued_requests: int | None = None) -> None:
         self.engine = engine
+        # back-pressure: add_request raises QueueFullError while this many sequences wait (None: no cap)
+        self.max_num_queued_requests = max_num_queued_requests
+        self._num_pending = 0  # sequences queued as commands, not yet in the scheduler (under _cv)
+        self._num_waiting = 0  # the scheduler's waiting sequences after the last update (under _cv)
+        self._free_slots = 0  # running slots (max_num_seqs) a new sequence would take at once (under _cv)
         cfg = engine.config.model
         self._model_info = ModelInfo(
             model_path=str(cfg.path),
@@ -109,6 +122,7 @@ class AsyncLLMEngine(EngineClient):
         self._cv = threading.Condition()
         self._commands: list[_Add | _Abort] = []
         self._stopping = False
+        self._shut_down = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
@@ -117,6 +131,7 @@ class AsyncLLMEngine(EngineClient):
         self._stats_failed = False
         self._stat_log = _StatLog()
         self._refresh_stats()
+        self._update_queue_counts(0)  # before the engine thread runs: safe to read the scheduler here
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **kwargs: Any) -> "AsyncLLMEngine":
@@ -163,13 +178,43 @@ class AsyncLLMEngine(EngineClient):
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Fails what is in flight (EngineDeadError), stops the engine thread (waiting at most
+        ``timeout`` s for a step to end) and shuts the executor down (Ray workers included)."""
         with self._cv:
-            self._stopping = True
+            if self._shut_down:
+                return
+            self._shut_down = self._stopping = True
             self._cv.notify()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
-        self.engine.shutdown()
+        if self._thread is not None and self._thread.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+            if self._thread.is_alive():  # in a long step: fail its requests from here
+                logger.warning("the engine thread did not stop within %.1f s; failing its %d request(s) now",
+                               timeout, len(self._tracked))
+                self._fail_from_loop(EngineDeadError("the engine was shut down"))
+        # in a thread: stopping Ray workers takes a second or two, while handlers write final events
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+    def _fail_from_loop(self, err: EngineDeadError) -> None:
+        """Ends every tracked stream with ``err`` (on the event loop, while the engine thread is
+        still inside a step; it only delivers to these streams afterwards, which nobody reads)."""
+        with self._cv:
+            self._dead = self._dead or err
+            pending, self._commands = self._commands, []
+        for cmd in pending:
+            if isinstance(cmd, _Add):
+                cmd.done(err)
+        for tracked in list(self._tracked.values()):  # one C-level copy: safe against the engine thread
+            tracked.stream.put(err)
+
+    def num_queued_requests(self) -> int:
+        """Sequences that would wait for the engine: queued commands plus the scheduler's waiting
+        queue, less the free running slots they will take at the next step."""
+        with self._cv:
+            return self._queued()
+
+    def _queued(self) -> int:  # under _cv
+        return max(0, self._num_pending + self._num_waiting - self._free_slots)
 
     # ---- the asyncio side ------------------------------------------------------------------
     async def add_request(
@@ -181,13 +226,15 @@ class AsyncLLMEngine(EngineClient):
         stream: bool = True,
         priority: int = 0,
         arrival_time: float | None = None,
+        check_queue: bool = True,
     ) -> RequestStream:
         """Queues a request and waits until the engine accepted it (validation errors raise here).
 
         A ProcessedInput (``input_processor.process``, run by the caller) is queued without being
         checked again; ``params`` is then None. With ``stream`` the returned stream yields delta
         outputs every step; without it, only the final output. If the caller is cancelled while
-        waiting, the request is aborted.
+        waiting, the request is aborted. With ``max_num_queued_requests`` set and ``check_queue``,
+        a full waiting queue raises QueueFullError (nothing is queued).
         """
         if self._dead is not None:
             raise self._dead
@@ -196,6 +243,7 @@ class AsyncLLMEngine(EngineClient):
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[None] = loop.create_future()
         out = RequestStream(request_id)
+        cap = self.max_num_queued_requests if check_queue else None
 
         def done(err: BaseException | None) -> None:  # runs on the engine thread
             def resolve() -> None:
@@ -208,7 +256,8 @@ class AsyncLLMEngine(EngineClient):
 
             loop.call_soon_threadsafe(resolve)
 
-        self._push(_Add(request_id, prompt, params, arrival_time or time.time(), priority, stream, out, done))
+        self._push(_Add(request_id, prompt, params, arrival_time or time.time(), priority, stream, out, done),
+                   cap=cap)
         try:
             await accepted
         except asyncio.CancelledError:
@@ -242,15 +291,34 @@ class AsyncLLMEngine(EngineClient):
             raise EngineDeadError("the engine loop is not running")
         self.engine.check_health()
 
-    def _push(self, cmd: _Add | _Abort) -> None:
+    def _push(self, cmd: _Add | _Abort, cap: int | None = None) -> None:
         with self._cv:
             # checked under the lock _die takes: a command can never be queued after the drain
             if self._dead is not None:
                 if isinstance(cmd, _Add):
                     raise self._dead
                 return
+            if isinstance(cmd, _Add):
+                queued = self._queued()
+                if cap is not None and queued >= cap:
+                    raise QueueFullError(queued, cap)
+                self._num_pending += cmd.num_sequences
             self._commands.append(cmd)
             self._cv.notify()
+
+    def _update_queue_counts(self, applied: int, after_step: bool = True) -> None:
+        """After commands were applied or a step ran: the scheduler's waiting count, read on the
+        engine thread, replaces the applied commands' share of the pending count. The free
+        running slots are known after a step: requests still waiting then, with slots free, wait
+        for KV blocks or token budget, and no slot counts as free."""
+        sched = self.engine.scheduler
+        waiting = len(sched.waiting)
+        free = 0 if waiting else max(0, self.engine.config.scheduler.max_num_seqs - len(sched.running))
+        with self._cv:
+            self._num_pending -= applied
+            self._num_waiting = waiting
+            if after_step:
+                self._free_slots = free
 
     # ---- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -266,9 +334,12 @@ class AsyncLLMEngine(EngineClient):
                     commands, self._commands = self._commands, []
                 for cmd in commands:
                     self._apply(cmd)
+                self._update_queue_counts(sum(c.num_sequences for c in commands if isinstance(c, _Add)),
+                                          after_step=False)
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     self._deliver(outputs)
+                    self._update_queue_counts(0)
                 self._refresh_stats()
                 self._maybe_log_stats()
         except BaseException as e:  # noqa: BLE001 - any failure of the step loop kills the engine

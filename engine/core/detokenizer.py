@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.core.stop_strings import stop_matcher
 from engine.sampling_params import SamplingParams
 
 # tokens decoded before the new ones, so tokenizers that drop a leading space see context
@@ -28,6 +29,10 @@ class IncrementalDetokenizer:
         self.num_tokens_kept: int | None = None
         self.buffer_length = params.output_text_buffer_length
         self._sent = 0  # characters of output_text already handed out as deltas
+        # stop strings: one shared automaton, this sample's state in it, characters fed so far
+        self._matcher = stop_matcher(tuple(params.stop)) if params.stop else None
+        self._stop_state = 0
+        self._scanned = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -70,26 +75,24 @@ class IncrementalDetokenizer:
             self.num_output_tokens += 1
             if not params.detokenize or j >= len(to_decode):
                 continue
-            before = len(self.output_text)
             self.output_text += self.decode_token(tok)
             # vLLM honours stop strings once more than min_tokens tokens exist
-            if params.stop and self.num_output_tokens > params.min_tokens and len(self.output_text) > before:
-                stop = self._find_stop(before)
+            if self._matcher is not None and len(self.output_text) > self._scanned:
+                stop = self._find_stop()
                 if stop is not None:
                     self.num_output_tokens -= len(new_token_ids) - (j + 1)
                     self.num_tokens_kept = j + 1
                     return stop
         return None
 
-    def _find_stop(self, new_from: int) -> str | None:
-        """The stop string that occurs earliest and ends in the text added since ``new_from``."""
+    def _find_stop(self) -> str | None:
+        """Feeds the text added since the last call to the stop automaton; returns the stop string
+        that begins earliest among those ending in it. The text is cut at it only while stop
+        strings are honoured (after min_tokens); the automaton always sees every character."""
         text = self.output_text
-        best: tuple[int, str] | None = None
-        for s in self.params.stop:
-            idx = text.find(s, max(new_from - len(s) + 1, 0))
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, s)
-        if best is None:
+        self._stop_state, best = self._matcher.scan(self._stop_state, text, self._scanned)
+        self._scanned = len(text)
+        if best is None or self.num_output_tokens <= self.params.min_tokens:
             return None
         idx, s = best
         self.output_text = text[: idx + len(s)] if self.params.include_stop_str_in_output else text[:idx]

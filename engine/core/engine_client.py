@@ -16,6 +16,17 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 
+class QueueFullError(RuntimeError):
+    """add_request refused: the engine's waiting queue holds ``queued`` sequences, its cap
+    (``max_num_queued_requests``) is ``limit``. The server answers 429 with Retry-After."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"the server's queue is full ({queued} requests waiting, the limit is {limit}); "
+                         "retry shortly")
+        self.queued = queued
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What clients need to know about the served model. The served names are the server's
@@ -63,7 +74,10 @@ class EngineClient(Protocol):
     def start(self) -> None:
         """Starts the engine loop (on the running event loop); add_request starts it too."""
 
-    async def shutdown(self) -> None: ...
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Fails requests in flight, stops the engine (waiting at most ``timeout`` s for it).
+        (Optional member, not part of the protocol: ``num_queued_requests() -> int``, the sequences
+        waiting to be scheduled, exported to /metrics when present.)"""
 
     async def add_request(
         self,
@@ -74,8 +88,11 @@ class EngineClient(Protocol):
         stream: bool = True,
         priority: int = 0,
         arrival_time: float | None = None,
+        check_queue: bool = True,
     ) -> OutputStream:
-        """Queues a request and returns once the engine took it; bad input raises ValueError here.
+        """Queues a request and returns once the engine took it; bad input raises ValueError here,
+        a full waiting queue QueueFullError (when ``check_queue``; a request's later prompts pass
+        False so that one request is admitted whole or not at all).
         With ``stream`` the stream yields a delta every step, without it only the final output."""
 
     def generate(

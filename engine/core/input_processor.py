@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
+from engine.core.stop_strings import stop_matcher
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 PromptType = str | dict | list[int]
@@ -43,6 +44,9 @@ class InputProcessor:
     # the scheduler's admission check: raises PromptTooLongError for a prompt it could never run
     check_prompt: Callable[[int], None] | None = None
     max_logprobs: int = MAX_LOGPROBS
+    # structured outputs: parses each constraint (a 400 / InvalidGrammarError naming the field) and
+    # starts compiling it (engine/structured_output/manager.py)
+    structured_output: Any = None
 
     def with_tokenizer(self, tokenizer: Any) -> "InputProcessor":
         """The same checks with another tokenizer (HF fast tokenizers must not be shared across threads)."""
@@ -68,6 +72,13 @@ class InputProcessor:
         except ValueError as e:  # bad_words that tokenize outside the vocabulary
             raise InvalidInputError(str(e), "bad_words") from None
         params.update_eos_token_ids(self.eos_token_ids)
+        check_some_token_allowed(params)
+        if params.stop:
+            stop_matcher(tuple(params.stop))  # built here (off the engine thread), then cached
+        if params.structured_outputs is not None:
+            if self.structured_output is None:
+                raise InvalidInputError("structured outputs are not available here", "structured_outputs")
+            params.structured_outputs = self.structured_output.validate(params.structured_outputs)
         return ProcessedInput(text, ids, params)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -112,3 +123,24 @@ class InputProcessor:
                 raise InvalidInputError(
                     f"{name}={k} asks for more than the maximum of {self.max_logprobs} logprobs", name
                 )
+
+
+def check_some_token_allowed(params: SamplingParams) -> None:
+    """Raises InvalidInputError when allowed_token_ids leaves nothing to sample: every allowed id is
+    a single-token bad word, or (for the first min_tokens tokens) a stop or EOS id, which min_tokens
+    bans until then. The sampler would otherwise have only -inf logits to choose from."""
+    if params.allowed_token_ids is None:
+        return
+    allowed = set(params.allowed_token_ids)
+    banned = {seq[0] for seq in params.bad_words_token_ids or () if len(seq) == 1}
+    if not allowed - banned:
+        raise InvalidInputError(
+            "allowed_token_ids leaves no token to sample: every allowed id is banned by bad_words",
+            "allowed_token_ids",
+        )
+    if params.min_tokens and not allowed - banned - params.all_stop_token_ids:
+        raise InvalidInputError(
+            f"allowed_token_ids leaves no token to sample for the first min_tokens={params.min_tokens} tokens: "
+            "every allowed id is an EOS or stop token, which min_tokens forbids until then",
+            "allowed_token_ids",
+        )

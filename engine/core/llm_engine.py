@@ -1,6 +1,7 @@
 """The synchronous engine: tokenizes, schedules, executes and turns results into outputs."""
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -18,6 +19,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
+from engine.structured_output.manager import make_structured_output_manager
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ class LLMEngine:
             self.executor.init_swap_space(num_host_blocks)
             logger.info("swap space: %d host blocks (%.1f MiB)", num_host_blocks, num_host_blocks * per_block / 2**20)
         self.kv_cache = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_host_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        # grammars live here, in the engine process: compiles, matchers, each step's bitmask
+        self.structured_output = make_structured_output_manager(config, lambda: load_tokenizer(config),
+                                                                self.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.num_generation_tokens = 0
@@ -77,7 +82,7 @@ class LLMEngine:
     def input_processor(self) -> InputProcessor:
         """Tokenizes and checks requests (built on first use, from the finished engine)."""
         return InputProcessor(self.tokenizer, self.config.model.vocab_size, self.eos_token_ids,
-                              self.scheduler.check_prompt)
+                              self.scheduler.check_prompt, structured_output=self.structured_output)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         return self.input_processor.tokenize_prompt(prompt)
@@ -125,14 +130,19 @@ class LLMEngine:
         seeded, and only the first scores the prompt (prompt_logprobs)."""
         params, n = inputs.params, inputs.params.n
         children = []
+        # shallow copies: the samples share the stop strings, token-id lists and logit_bias of one
+        # params object; only n, the seed and (after the first) prompt_logprobs differ
+        rest = None
+        if n > 1:
+            rest = copy.copy(params)
+            rest.n, rest.prompt_logprobs = 1, None
         for i in range(n):
-            child_params = params if n == 1 else params.clone()
-            if n > 1:
-                child_params.n = 1
+            child_params = params if n == 1 else rest
+            if n > 1 and (i == 0 or params.seed is not None):
+                child_params = copy.copy(rest)
+                child_params.prompt_logprobs = params.prompt_logprobs if i == 0 else None
                 if params.seed is not None:
                     child_params.seed = params.seed + i
-                if i > 0:
-                    child_params.prompt_logprobs = None
             children.append(
                 Request(
                     request_id=child_id(request_id, i, n),
@@ -171,16 +181,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and returns an output for every request that progressed."""
         so = self.scheduler.schedule()
-        if not so.needs_workers:
-            return []
-        result = self.executor.execute_model(so)
-        if so.is_empty:  # only block copies or dropped states this step
-            return []
-        logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
-        for rid, (first, entries) in getattr(result, "prompt_logprobs", {}).items():
-            self.output_processor.add_prompt_logprobs(rid, first, entries)
+        # requests the scheduler ended without running them (a grammar that failed to compile)
+        updated, self.scheduler.rejected = [(req, []) for req in self.scheduler.rejected], []
+        logprobs: dict = {}
+        if so.needs_workers:
+            result = self.executor.execute_model(so)
+            if not so.is_empty:  # else only block copies or dropped states this step
+                logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
+                for rid, (first, entries) in getattr(result, "prompt_logprobs", {}).items():
+                    self.output_processor.add_prompt_logprobs(rid, first, entries)
+                updated += self.scheduler.update_from_output(so, result.sampled_token_ids, result.draft_token_ids)
         touched: dict[str, None] = {}
-        for req, new in self.scheduler.update_from_output(so, result.sampled_token_ids, result.draft_token_ids):
+        for req, new in updated:
             self.num_generation_tokens += len(new)
             lps = logprobs.get(req.request_id)
             stop = self.output_processor.process(req, new, lps[: len(new)] if lps else None)
@@ -206,6 +218,7 @@ class LLMEngine:
             scheduler=sched.stats.snapshot(),
             kv_cache=self.kv_cache.get_stats(),
             spec_decoding=sched.spec_stats.snapshot(),
+            structured_output=self.structured_output.get_stats(),
         )
 
     def check_health(self) -> None:
@@ -214,3 +227,4 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        self.structured_output.shutdown()

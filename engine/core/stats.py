@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from engine.block_manager.stats import KVCacheStats
 from engine.scheduler.stats import SchedulerStats
 from engine.spec_decode.stats import SpecDecodingStats
+from engine.structured_output.stats import StructuredOutputStats
 
 __all__ = ["EngineStats", "KVCacheStats", "SchedulerStats", "SpecDecodingStats"]
 
@@ -25,6 +26,7 @@ class EngineStats:
     scheduler: SchedulerStats = field(default_factory=SchedulerStats)
     kv_cache: KVCacheStats = field(default_factory=KVCacheStats)
     spec_decoding: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    structured_output: StructuredOutputStats = field(default_factory=StructuredOutputStats)
 
     def as_dict(self) -> dict[str, int | float]:
         """The flat dict LLMEngine.get_stats() returned before it returned EngineStats."""

@@ -1,8 +1,24 @@
-"""Chat templates: messages -> prompt text and token ids (vLLM's "string" content format)."""
+"""Chat templates: messages -> prompt text and token ids.
+
+Content formats as vLLM's --chat-template-content-format: "string" hands the template each
+message's content as one string, "openai" as a list of ``{"type": "text", "text": ...}`` parts,
+"auto" picks "openai" for templates that loop over a message's content.
+
+With ``split_special_tokens`` user and tool content is tokenized with special tokens split, so
+text such as ``<|im_end|>`` in a user turn is plain text and control tokens come only from the
+template.
+"""
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from typing import Any
+
+CONTENT_FORMATS = ("auto", "string", "openai")
+# roles whose content comes from the end user (or from tools acting on their behalf)
+UNTRUSTED_ROLES = ("user", "tool")
+_LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content)")
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -54,6 +70,15 @@ def load_chat_template(chat_template: str | None) -> str | None:
     return chat_template
 
 
+def detect_content_format(template: str | None) -> str:
+    """"openai" when the template iterates over a message's content parts, else "string"."""
+    return "openai" if template and _LOOPS_OVER_CONTENT.search(template) else "string"
+
+
+def _as_parts(content: Any) -> Any:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
 def render_chat_prompt(
     tokenizer: Any,
     conversation: list[dict],
@@ -62,8 +87,12 @@ def render_chat_prompt(
     *,
     continue_final_message: bool = False,
     chat_template_kwargs: dict | None = None,
+    content_format: str = "string",
+    split_special_tokens: bool = False,
 ) -> tuple[str, list[int]]:
     """The rendered prompt text and its token ids."""
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"content_format must be one of {list(CONTENT_FORMATS)}, got {content_format!r}")
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
     messages = normalize_messages(conversation)
@@ -72,6 +101,20 @@ def render_chat_prompt(
     template = load_chat_template(chat_template)
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: pass chat_template=...")
+    if content_format == "auto":
+        source = template if template is not None else tokenizer.chat_template
+        content_format = detect_content_format(source if isinstance(source, str) else None)
+    untrusted: dict[str, str] = {}
+    if split_special_tokens:  # the template sees a unique marker in place of each untrusted content
+        nonce = secrets.token_hex(8)
+        messages = [dict(m) for m in messages]
+        for i, m in enumerate(messages):
+            if m["role"] in UNTRUSTED_ROLES and isinstance(m.get("content"), str):
+                marker = f"\ue000{nonce}:{i}\ue001"
+                untrusted[marker] = m["content"]
+                m["content"] = marker
+    if content_format == "openai":
+        messages = [{**m, "content": _as_parts(m.get("content"))} for m in messages]
     try:
         text = tokenizer.apply_chat_template(
             messages,
@@ -86,7 +129,31 @@ def render_chat_prompt(
             raise
         raise ValueError(f"the chat template failed to render: {e}") from e
     # the template already holds any BOS token: do not add special tokens again
-    return text, tokenizer.encode(text, add_special_tokens=False)
+    if not untrusted:
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    return _encode_split(tokenizer, text, untrusted)
+
+
+def _encode_split(tokenizer: Any, text: str, untrusted: dict[str, str]) -> tuple[str, list[int]]:
+    """Token ids of rendered text whose markers stand for untrusted content: the template's text
+    with special tokens recognised, the content with them split into plain text."""
+    pattern = re.compile("|".join(re.escape(m) for m in untrusted))
+    ids: list[int] = []
+    pieces: list[str] = []
+    pos = 0
+    for match in pattern.finditer(text):
+        before = text[pos:match.start()]
+        if before:
+            ids += tokenizer.encode(before, add_special_tokens=False)
+        content = untrusted[match.group(0)]
+        if content:
+            ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+        pieces += [before, content]
+        pos = match.end()
+    if text[pos:]:
+        ids += tokenizer.encode(text[pos:], add_special_tokens=False)
+    pieces.append(text[pos:])
+    return "".join(pieces), ids
 
 
 def render_chat(

@@ -130,4 +130,21 @@ class LLM:
         return self.llm_engine.get_stats()
 
     def shutdown(self) -> None:
-        self.llm_engine.shutdown()
+        """Stops the workers (Ray actors, and a local Ray cluster this LLM started). Also runs on
+        ``del``, at interpreter exit, on SIGTERM and when a ``with LLM(...)`` block ends; idempotent."""
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None and not getattr(self, "_shut_down", False):
+            self._shut_down = True
+            engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - nothing to report to during garbage collection
+            pass

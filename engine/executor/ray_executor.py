@@ -33,6 +33,7 @@ from engine.executor.ray_utils import (
     startup_timeout_s,
     step_timeout_s,
 )
+from engine.executor import ray_teardown
 from engine.scheduler.output import SchedulerOutput
 from engine.worker.model_runner import ModelRunnerOutput
 
@@ -52,7 +53,10 @@ class RayExecutor(Executor):
         self._dead: EngineDeadError | None = None
         self._closed = False
         self._store_path: str | None = None
-        self._owns_connection = connect(self.ray)
+        self._monitor: threading.Thread | None = None
+        # the processes of a local cluster this executor started (killed at shutdown if Ray leaves them)
+        self._owns_connection, self._cluster_pids = ray_teardown.started_cluster(lambda: connect(self.ray))
+        ray_teardown.track(self)
         try:
             self._start_workers()
         except BaseException:
@@ -119,7 +123,8 @@ class RayExecutor(Executor):
                             self._failure("monitoring", e, [refs.index(ref)])
                     return
 
-        threading.Thread(target=watch, name="ray-worker-monitor", daemon=True).start()
+        self._monitor = threading.Thread(target=watch, name="ray-worker-monitor", daemon=True)
+        self._monitor.start()
 
     def _init_method(self) -> str:
         """A file store when every rank is on one host (no port, nothing listening); otherwise a TCP
@@ -213,11 +218,12 @@ class RayExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        ray_teardown.untrack(self)
         ray = self.ray
         if self.actors and self._dead is None and self.workers:
             try:  # a polite goodbye first, so process groups close their sockets
                 refs = [a.execute_method.remote("shutdown") for a in self.actors]
-                ray.wait(refs, num_returns=len(refs), timeout=5.0)
+                ray.wait(refs, num_returns=len(refs), timeout=2.0)
             except Exception:  # noqa: BLE001 - the actors are killed below anyway
                 pass
         for actor in self.actors:
@@ -239,8 +245,12 @@ class RayExecutor(Executor):
                 os.unlink(self._store_path)
             except OSError:
                 pass
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=2.0)  # it polls every second; Ray must not go away under it
         if self._owns_connection and ray.is_initialized():
+            cluster = ray_teardown.descendants(self._cluster_pids)  # listed while the tree is intact
             ray.shutdown()
+            ray_teardown.reap(cluster)
 
 
 def _short(e: BaseException) -> str:

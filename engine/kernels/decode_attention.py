@@ -25,10 +25,18 @@ MAX_SPLITS = 32
 
 
 @triton.jit
+def softcap_log2(s, cap):
+    """cap * tanh(s / cap) in the log2 domain; tanh(x) = 1 - 2 / (e^{2x} + 1) (inf-safe both ways)."""
+    return (cap - 2.0 * cap / (tl.exp(2.0 * s / cap) + 1.0)) * 1.4426950408889634
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); the plain scale when SOFTCAP
+    window,  # > 0: only the last `window` keys are attended (sliding-window layers)
+    softcap,  # used when SOFTCAP: scores become softcap * tanh(scores / softcap)
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -39,15 +47,16 @@ def _decode_kernel(
     num_kv_heads, head_dim,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    # each request partitions its own context into NUM_SPLITS tile-aligned ranges
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # first attended key
+    # each request partitions its own (windowed) context into NUM_SPLITS tile-aligned ranges
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
 
     g = tl.arange(0, BLOCK_G)
@@ -80,6 +89,8 @@ def _decode_kernel(
             mask=kv_mask, other=0.0,
         ).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N]
+        if SOFTCAP:
+            s = softcap_log2(s, softcap)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a valid position
         alpha = tl.exp2(m_i - m_new)
@@ -161,8 +172,11 @@ def paged_decode_attention(
     num_splits: int | None = None,
     *,
     out: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of one token per request over its whole paged context. Returns [B, H, D].
+    """Attention of one token per request over its whole paged context (its last ``window`` keys when
+    ``window`` > 0; scores soft-capped when ``softcap`` > 0). Returns [B, H, D].
 
     ``max_seq_len`` (host int) only sizes the split heuristic; pass it to avoid a device sync.
     ``num_splits`` forces the context partition count (1 = single pass, no reduce kernel).
@@ -195,7 +209,7 @@ def paged_decode_attention(
     _decode_kernel[(b, kvh, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
         out, part_out, part_lse,
-        scale * LOG2E,
+        scale if softcap > 0 else scale * LOG2E, int(window), float(softcap),
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -206,7 +220,7 @@ def paged_decode_attention(
         kvh, d,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=dot_precision(query.dtype, k_cache.dtype),
+        NUM_SPLITS=num_splits, PRECISION=dot_precision(query.dtype, k_cache.dtype), SOFTCAP=softcap > 0,
         num_warps=num_warps,
     )
     if num_splits > 1:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.decode_attention import softcap_log2
 from engine.kernels.triton_compat import dot_precision, next_pow2, patch_interpreter
 
 patch_interpreter()
@@ -36,7 +37,9 @@ def launch_config(head_dim: int, fp32: bool) -> tuple[int, int, int]:
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); the plain scale when SOFTCAP
+    window,  # > 0: a row at position p sees keys at positions > p - window only
+    softcap,  # used when SOFTCAP: scores become softcap * tanh(scores / softcap)
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -44,7 +47,7 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     head_dim,
     GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     m_block = tl.program_id(1)
@@ -68,12 +71,14 @@ def _prefill_kernel(
     # keys past the tile's last query position are causally invisible; a tile past the span does nothing
     hi = tl.minimum(seq_len, context + (m_block + 1) * BLOCK_M)
     hi = tl.where(m_block * BLOCK_M < q_len, hi, 0)
+    # with a window, keys before the tile's first row's window are invisible to every row of it
+    lo = tl.where(window > 0, tl.maximum(context + m_block * BLOCK_M - window + 1, 0), 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + b * stride_bt
     n = tl.arange(0, BLOCK_N)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         k_pos = start + n
         k_valid = k_pos < hi
         blk = tl.load(table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
@@ -88,12 +93,16 @@ def _prefill_kernel(
             mask=kv_mask, other=0.0,
         ).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
-        # key 0 is visible to every row, so after the first tile each row's max is finite
+        if SOFTCAP:
+            s = softcap_log2(s, softcap)
         visible = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        visible = visible & ((window <= 0) | (k_pos[None, :] > q_pos[:, None] - window))
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # a row may see nothing in a tile yet (a window starts later): keep its max finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m_i = m_new
@@ -118,6 +127,8 @@ def paged_prefill_attention(
     *,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of variable-length query spans over their paged context. Returns [T, H, D].
 
@@ -153,7 +164,7 @@ def paged_prefill_attention(
     grid = (num_reqs, triton.cdiv(max_query_len, block_m), h)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, qsl, seq_lens, out,
-        scale * LOG2E,
+        scale if softcap > 0 else scale * LOG2E, int(window), float(softcap),
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -161,7 +172,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         d,
         GROUP=h // kvh, BLOCK_D=next_pow2(d), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, SOFTCAP=softcap > 0,
         num_warps=num_warps,
     )
     return out

@@ -45,8 +45,12 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B] int32 (includes the query token, whose K/V is already in cache)
     scale: float,
     max_seq_len: int | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of one token per request over its whole paged context. Returns [B, H, D]."""
+    """Attention of one token per request over its paged context (its last ``window`` keys when
+    ``window`` > 0; scores soft-capped as ``softcap * tanh(s / softcap)`` when ``softcap`` > 0).
+    Returns [B, H, D]."""
     b, h, d = query.shape
     _, bs, kvh, _ = k_cache.shape
     group = h // kvh
@@ -58,11 +62,14 @@ def paged_decode_attention(
     k = k_cache[tables].flatten(1, 2).transpose(1, 2)
     v = v_cache[tables].flatten(1, 2).transpose(1, 2)
     length = k.shape[2]
-    valid = torch.arange(length, device=query.device)[None, :] < seq_lens[:, None].long()
+    kpos = torch.arange(length, device=query.device)[None, :]
+    valid = kpos < seq_lens[:, None].long()
+    if window > 0:
+        valid = valid & (kpos >= seq_lens[:, None].long() - window)
     mask = valid[:, None, None, :]  # [B, 1, 1, L]
     # GQA: the `group` query heads of one KV head become `group` query rows of that head
     q = query.view(b, kvh, group, d).to(k.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = attend(q, k, v, mask, scale, softcap)
     return out.reshape(b, h, d).to(query.dtype)
 
 
@@ -76,11 +83,15 @@ def paged_prefill_attention(
     scale: float,
     key: torch.Tensor | None = None,  # [T, KVH, D] new keys (used when a span has no cached context)
     value: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of variable-length query spans over their paged context.
 
     The K/V of the query tokens must already be in the cache. Query token j of request i sits at
-    position ``seq_lens[i] - q_len_i + j`` and sees every key up to and including that position.
+    position ``p = seq_lens[i] - q_len_i + j`` and sees every key up to and including that position;
+    with ``window`` > 0 only the keys at positions > ``p - window`` (its last ``window`` keys, as
+    Hugging Face's sliding-window mask). ``softcap`` as in :func:`paged_decode_attention`.
     """
     if isinstance(query_start_loc, torch.Tensor):
         query_start_loc = query_start_loc.tolist()
@@ -103,15 +114,35 @@ def paged_prefill_attention(
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
         k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, L, D]
         v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
-        if context == 0:
+        if context == 0 and window <= 0 and softcap <= 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=h != kvh)
         else:
             qpos = torch.arange(context, seq_len, device=query.device)
             kpos = torch.arange(seq_len, device=query.device)
             mask = kpos[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != kvh)
+            if window > 0:
+                mask = mask & (kpos[None, :] > qpos[:, None] - window)
+            if softcap <= 0:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != kvh)
+            else:  # GQA as broadcasting: q [KVH, group, q, D] against k/v [KVH, 1, L, D]
+                qg = q.reshape(kvh, h // kvh, q_len, -1)
+                o = attend(qg, k[0][:, None], v[0][:, None], mask, scale, softcap).reshape(1, h, q_len, -1)
         out[start:end] = o[0].transpose(0, 1)
     return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           softcap: float = 0.0) -> torch.Tensor:
+    """softmax(scores + mask) @ v with ``scores = q @ k^T * scale``, soft-capped to
+    ``softcap * tanh(scores / softcap)`` when ``softcap`` > 0 (Gemma 2); k/v broadcast over q's
+    leading dims. Fused SDPA without a cap; the cap needs the explicit scores."""
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2).to(q.dtype)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 def rms_norm(

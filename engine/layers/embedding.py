@@ -35,6 +35,10 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: part.shape[0]].copy_(part)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "gguf_type", None) is not None:  # GGUF blocks (quantization="gguf")
+            from engine.layers.quantization.gguf import gguf_rows
+
+            return gguf_rows(self, ids).to(self.out_dtype)
         if self.weight_scale is None:
             return F.embedding(ids, self.weight)
         from engine.layers.quantization.int8 import int8_rows

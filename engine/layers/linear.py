@@ -69,7 +69,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is None:  # a fused checkpoint tensor (Phi-3's gate_up_proj): split it by output_sizes
+            for i, size in enumerate(self.output_sizes):
+                self.weight_loader(param, RowOffset(loaded, sum(self.output_sizes[:i]), size), i)
+            return
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
@@ -84,11 +88,17 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.tp_rank, self.tp_size = tp.rank, tp.size
         self.head_dim = head_dim
         self.layout = tp_head_layout(num_heads, num_kv_heads, tp.size, tp.rank)
+        self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
         self.num_heads = self.layout.num_heads
         self.num_kv_heads = self.layout.num_kv_heads
         LinearBase.__init__(self, hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is None:  # a fused checkpoint tensor (Phi-3's qkv_proj): q, k, v rows in turn
+            q_rows, kv_rows = self.total_heads * self.head_dim, self.total_kv_heads * self.head_dim
+            for sid, start, rows in (("q", 0, q_rows), ("k", q_rows, kv_rows), ("v", q_rows + kv_rows, kv_rows)):
+                self.weight_loader(param, RowOffset(loaded, start, rows), sid)
+            return
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -134,6 +144,27 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return get_tp_group().all_reduce(self.linear_method.apply(self, x))
+
+
+class RowOffset:
+    """Rows [start, start + rows) of a (lazily read) checkpoint tensor, for loaders that split a
+    fused tensor: narrowing it reads only the part asked for."""
+
+    def __init__(self, source, start: int, rows: int) -> None:
+        self.source, self.start = source, start
+        self.shape = (rows, *source.shape[1:])
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim % self.dim() == 0:
+            return self.source.narrow(0, self.start + start, length)
+        return self.source.narrow(0, self.start, self.shape[0]).narrow(dim, start, length)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.narrow(0, start, max(stop - start, 0))
 
 
 def copy_heads(

@@ -1,63 +1,43 @@
-"""Rotary position embedding with Hugging Face's rope-scaling variants."""
+"""Rotary position embedding; the rope-scaling variants are strategies in rope_scaling.py."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.errors import UnsupportedModelError
 from engine.kernels import torch_ref
 from engine.kernels.cpu.ops import fp32_cpu_kernels, heads_contiguous
+from engine.layers.rope_scaling import check_rope_scaling, rope_freqs, rope_type
 
 
-def rope_parameters(hf_config: Any) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from either transformers 4.x or 5.x config layouts."""
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None) from either transformers 4.x or 5.x config layouts; with
+    ``layer_type`` (Gemma 3: "sliding_attention" / "full_attention") that layer type's parameters."""
     params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     if isinstance(params, dict) and "rope_theta" in params:
         theta = float(params["rope_theta"])
-        scaling = None if params.get("rope_type", "default") == "default" else params
+        scaling = None if rope_type(params) == "default" else params
+        check_rope_scaling(params)
         return theta, scaling
     theta = float(getattr(hf_config, "rope_theta", 10000.0))
     scaling = getattr(hf_config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+    check_rope_scaling(scaling)
+    if rope_type(scaling) == "default":
         scaling = None
     return theta, scaling
-
-
-def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
-    """Returns (inverse frequencies, attention factor applied to cos/sin)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None:
-        return inv, 1.0
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return inv / float(scaling["factor"]), 1.0
-    if kind == "llama3":
-        factor = float(scaling["factor"])
-        low = float(scaling.get("low_freq_factor", 1.0))
-        high = float(scaling.get("high_freq_factor", 4.0))
-        old_len = float(scaling["original_max_position_embeddings"])
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, smoothed, scaled), 1.0
-    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
 class RotaryEmbedding(nn.Module):
     """One instance is shared by all layers of a model: ``prepare(positions)`` runs once per forward
     pass (the per-token cos/sin lookup), then every layer's ``forward`` rotates its q and k in place."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
+                 model_max_positions: int | None = None) -> None:
         super().__init__()
-        inv, attn_factor = _inv_freq(head_dim, theta, scaling)
-        t = torch.arange(max_positions, dtype=torch.int64).float()
-        freqs = torch.outer(t, inv)
+        freqs, attn_factor = rope_freqs(head_dim, max_positions, theta, scaling, model_max_positions or max_positions)
         cache = torch.cat([freqs.cos() * attn_factor, freqs.sin() * attn_factor], dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self._positions: torch.Tensor | None = None

@@ -106,6 +106,9 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         out = gguf_cache_dir(path)
         if (out / "config.json").is_file():
             return out
+        from engine.models.gguf_arch import check_gguf
+
+        check_gguf(path)  # an architecture the engine cannot run fails before the conversion
         out.parent.mkdir(parents=True, exist_ok=True)
         return convert_gguf(path, out)
     if not path.exists():

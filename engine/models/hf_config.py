@@ -5,11 +5,12 @@ model's config) both import it without importing each other."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelNotFoundError
-from engine.models.registry import check_architecture
+from engine.models.registry import check_architecture, check_model_config
 
 
 def load_hf_config(path: Path) -> Any:
@@ -18,6 +19,10 @@ def load_hf_config(path: Path) -> Any:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelNotFoundError(f"{cfg_file} is missing: a model directory needs config.json, *.safetensors and tokenizer files")
-    archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    raw = json.loads(cfg_file.read_text())
+    archs = raw.get("architectures") or []
     check_architecture(archs[0] if archs else None)
-    return AutoConfig.from_pretrained(str(path))
+    check_model_config(SimpleNamespace(**raw))  # before transformers' own validation can mask the field
+    config = AutoConfig.from_pretrained(str(path))
+    check_model_config(config)
+    return config

@@ -30,6 +30,10 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device) -> nn.
 
 def _param_target(model: nn.Module, name: str) -> tuple[str, Any]:
     """Maps a checkpoint tensor name to (our parameter name, shard id)."""
+    hook = getattr(model, "checkpoint_target", None)  # a family's own names (MoE experts)
+    target = hook(name) if hook is not None else None
+    if target is not None:
+        return target
     for ckpt, (ours, shard) in getattr(model, "packed_modules", {}).items():
         if f".{ckpt}." in name:
             return name.replace(f".{ckpt}.", f".{ours}."), shard
@@ -128,8 +132,15 @@ def quantize_model(model: nn.Module, quantization: str | None) -> int:
 
 
 def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True,
-               quantization: str | None = None) -> nn.Module:
+               quantization: str | None = None, gguf_file: Path | None = None) -> nn.Module:
     model = build_model(hf_config, dtype, device)
+    if quantization == "gguf":  # weights read from the GGUF file, matmul weights kept as its blocks
+        from engine.layers.quantization.gguf_loader import load_gguf_weights
+
+        if gguf_file is None:
+            raise ValueError("quantization='gguf' needs the .gguf file (ModelConfig.gguf_file)")
+        load_gguf_weights(model, gguf_file, hf_config, device)
+        return model
     load_weights(model, path, show_progress)
     if quantization is not None:
         quantize_model(model, quantization)

@@ -46,6 +46,12 @@ class SamplingMetadata:
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
     penalties: PenaltyBatch | None = None
+    # structured outputs, set by attach_grammar (engine/structured_output/apply.py): one int32
+    # bitmask row per logits row, the rows it constrains, and those where min_tokens bans the stop ids
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None
+    grammar_min_tokens_rows: list[int] | None = None
+    grammar_stop_ids: dict[int, list[int]] | None = None
 
     @classmethod
     def build(cls, states: list, vocab_size: int, device: torch.device) -> "SamplingMetadata":

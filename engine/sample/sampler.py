@@ -1,8 +1,8 @@
 """Turns the logits of the sampled positions into tokens, vectorised over the batch.
 
 Order (vLLM's): raw logprobs; allowed_token_ids; bad words and min_tokens bans; logit_bias;
-penalties; then greedy rows take the argmax, random rows apply temperature, min_p, top-k, top-p
-and draw.
+penalties; the structured-output grammar mask; then greedy rows take the argmax, random rows apply
+temperature, min_p, top-k, top-p and draw.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sample.metadata import PenaltyBatch, SamplingMetadata
+from engine.structured_output.apply import apply_grammar_bitmask, processed_logprobs
 
 
 @dataclass
@@ -129,6 +130,8 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
         logits.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
     if meta.penalties is not None:
         apply_penalties(logits, meta.penalties)
+    if meta.grammar_bitmask is not None:  # one vectorised call for every constrained row
+        apply_grammar_bitmask(logits, meta)
     return logits
 
 
@@ -139,6 +142,8 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         logits = apply_logits_processors(logits, meta)
         tokens = self.sample(logits, meta)
+        if raw_logprobs is not None and meta.grammar_rows is not None:
+            processed_logprobs(raw_logprobs, logits, meta)  # constrained rows: the distribution sampled from
         out = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:
             out.logprobs, out.logprob_token_ids, out.logprob_ranks = gather_logprobs(

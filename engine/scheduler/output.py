@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -55,6 +56,10 @@ class SchedulerOutput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
+    # structured outputs: the allowed tokens of this step's constrained rows, an int32 bitmask
+    # [rows, ceil(V / 32)], and req id -> its first row (a request verifying m proposals has m + 1)
+    grammar_bitmask: Any = None
+    structured_output_request_ids: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

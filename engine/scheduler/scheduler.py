@@ -6,52 +6,22 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING
 
-from engine.block_manager.kv_cache_manager import KVBlock, KVCacheManager
+from engine.block_manager.kv_cache_manager import KVCacheManager
 from engine.errors import PromptTooLongError
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.scheduler.policy import make_policy
 from engine.scheduler.stats import SchedulerStats  # re-exported: its home was this module
+from engine.scheduler.step_state import Admission, AdmissionKind, StepState
 from engine.spec_decode.stats import SpecDecodingStats
 
 if TYPE_CHECKING:  # annotations only: engine.config imports engine.scheduler.policy (its registry)
     from engine.config import SchedulerConfig
+    from engine.structured_output.manager import StructuredOutputManager
 
 WATERMARK_FRACTION = 0.01  # vLLM's watermark: admissions leave 1% of the blocks free for growth
-
-
-@dataclass
-class _Step:
-    """Working state of one schedule() call."""
-
-    budget: int
-    decodes: list[tuple[Request, int]] = field(default_factory=list)
-    prefills: list[tuple[Request, int]] = field(default_factory=list)
-    scheduled: set[str] = field(default_factory=set)
-    preempted: list[Request] = field(default_factory=list)
-    admitted: list[Request] = field(default_factory=list)
-    growth_preempted: bool = False
-
-
-class AdmissionKind(str, Enum):
-    """How a waiting request starts running."""
-
-    NEW = "new"  # an ordinary start (or restart after recompute), with a prefix-cache lookup
-    FORK = "fork"  # n > 1: share a sibling's computed prompt blocks
-    SWAP_IN = "swap_in"  # copy its swapped-out blocks back from host memory
-
-
-@dataclass
-class _Admission:
-    kind: AdmissionKind
-    num_new: int
-    need: int  # free blocks it consumes
-    computed: list[KVBlock] = field(default_factory=list)
-    source: Request | None = None
 
 
 class Scheduler:
@@ -65,8 +35,11 @@ class Scheduler:
     proceed, so the engine never stalls.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
+                 structured_output: StructuredOutputManager | None = None) -> None:
         self.config = config
+        self.structured_output = structured_output  # grammars: compiles, matchers, step bitmasks
+        self.rejected: list[Request] = []  # ended without running (a grammar that failed); the engine takes them
         self.kv_cache = kv_cache
         self.policy = make_policy(config.policy)
         self.block_size = kv_cache.block_size
@@ -115,6 +88,8 @@ class Scheduler:
             leader = self.requests.get(leader_id)
             if leader is not None and leader.prompt_token_ids == request.prompt_token_ids:
                 request.fork_from = leader_id
+        if params.structured_outputs is not None:  # WAITING_FOR_FSM until its grammar is compiled
+            self.structured_output.add_request(request)
         self.requests[request.request_id] = request
         self._insert_waiting(request)
 
@@ -139,7 +114,7 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._step += 1
-        st = _Step(budget=self.config.max_num_batched_tokens)
+        st = StepState(budget=self.config.max_num_batched_tokens)
         order = self.policy.step_order(self.running, self.waiting)
         admitting = True
         for req in order:
@@ -149,6 +124,8 @@ class Scheduler:
                 self._schedule_running(req, st)
             elif req.status == RequestStatus.PREEMPTED and req in st.preempted:
                 continue  # preempted earlier in this step: it waits at least one step
+            elif req.status == RequestStatus.WAITING_FOR_FSM and not self._grammar_ready(req):
+                continue  # its grammar is compiling (or failed to): the requests behind it go ahead
             elif admitting and not self._waits_for_sibling(req):
                 # no admissions into a cache that just overflowed (no thrashing), and in policy
                 # order nothing jumps past a blocked request; running ones behind it still run
@@ -158,6 +135,14 @@ class Scheduler:
             self.waiting.remove(req)
             self._insert_running(req)
         return self._make_output(st)
+
+    def _grammar_ready(self, req: Request) -> bool:
+        error = self.structured_output.poll(req)  # None: ready (now WAITING); "": compiling; else why not
+        if error:  # the request ends with "error", its reason in stop_reason
+            self._finish(req, RequestStatus.FINISHED_ERROR)
+            req.stop_reason = error
+            self.rejected.append(req)
+        return error is None
 
     def _waits_for_sibling(self, req: Request) -> bool:
         """n > 1: the sample's first sibling is still computing the prompt they will share."""
@@ -171,7 +156,7 @@ class Scheduler:
             and (leader.num_computed_tokens < req.num_prompt_tokens or leader.resumed_step == self._step)
         )
 
-    def _has_seq_slot(self, req: Request, st: _Step) -> bool:
+    def _has_seq_slot(self, req: Request, st: StepState) -> bool:
         """Whether max_num_seqs leaves room for ``req``; it may take the slot of a running request
         the policy lets it displace."""
         while len(self.running) + len(st.admitted) >= self.config.max_num_seqs:
@@ -182,7 +167,7 @@ class Scheduler:
             self.stats.num_priority_preemptions += 1
         return True
 
-    def _schedule_running(self, req: Request, st: _Step) -> None:
+    def _schedule_running(self, req: Request, st: StepState) -> None:
         num_new = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, st.budget)
         num_new = min(num_new, self.max_model_len - req.num_computed_tokens)
         if num_new <= 0:
@@ -201,7 +186,7 @@ class Scheduler:
                 return
         self._add_to_batch(st, req, num_new)
 
-    def _pick_victim(self, st: _Step, displaced_by: Request | None = None) -> Request | None:
+    def _pick_victim(self, st: StepState, displaced_by: Request | None = None) -> Request | None:
         """The last running request in policy order that this step has not scheduled or resumed
         (with ``displaced_by``: only one the policy lets that request displace)."""
         for r in reversed(self.running):
@@ -212,7 +197,7 @@ class Scheduler:
             return r
         return None
 
-    def _plan_admission(self, req: Request, budget: int) -> _Admission | None | bool:
+    def _plan_admission(self, req: Request, budget: int) -> Admission | None | bool:
         """How ``req`` would start this step; None when it must wait for a sibling's prefill,
         False when its first chunk exceeds the budget without chunked prefill."""
         kv = self.kv_cache
@@ -223,13 +208,13 @@ class Scheduler:
             num_new = min(num_new, budget)
             table_len = len(kv.host_tables[req.request_id])
             grow = max(kv.blocks_needed(req.num_computed_tokens + num_new) - table_len, 0)
-            return _Admission(AdmissionKind.SWAP_IN, num_new, kv.swap_in_blocks_needed(req) + grow)
+            return Admission(AdmissionKind.SWAP_IN, num_new, kv.swap_in_blocks_needed(req) + grow)
         if req.fork_from is not None:
             if self._waits_for_sibling(req):
                 return None
             leader = self.requests.get(req.fork_from)
             if leader is not None and leader.status == RequestStatus.RUNNING:
-                return _Admission(AdmissionKind.FORK, 1, 1, source=leader)
+                return Admission(AdmissionKind.FORK, 1, 1, source=leader)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
         computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
@@ -237,9 +222,9 @@ class Scheduler:
         if not self.config.enable_chunked_prefill and num_new > budget:
             return False
         num_new = min(num_new, budget)
-        return _Admission(AdmissionKind.NEW, num_new, kv.blocks_to_allocate(req, num_new, computed), computed)
+        return Admission(AdmissionKind.NEW, num_new, kv.blocks_to_allocate(req, num_new, computed), computed)
 
-    def _schedule_waiting(self, req: Request, st: _Step) -> bool:
+    def _schedule_waiting(self, req: Request, st: StepState) -> bool:
         """Admits ``req`` if it fits; returns False when it is blocked (and nothing should pass it)."""
         kv = self.kv_cache
         reserve = self.watermark_blocks if (self.running or st.admitted) else 0
@@ -284,13 +269,13 @@ class Scheduler:
         self._add_to_batch(st, req, plan.num_new)
         return True
 
-    def _add_to_batch(self, st: _Step, req: Request, num_new: int) -> None:
+    def _add_to_batch(self, st: StepState, req: Request, num_new: int) -> None:
         is_decode = num_new == 1 and req.num_computed_tokens + 1 == req.num_tokens
         (st.decodes if is_decode else st.prefills).append((req, num_new))
         st.scheduled.add(req.request_id)
         st.budget -= num_new
 
-    def _preempt(self, req: Request, st: _Step) -> None:
+    def _preempt(self, req: Request, st: StepState) -> None:
         """Frees a running request's device blocks: swapped to host when configured and room is
         left there, else dropped (its tokens are recomputed, mostly from the prefix cache)."""
         self.running.remove(req)
@@ -317,10 +302,10 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is None or req.status != RequestStatus.RUNNING:
             return False
-        self._preempt(req, _Step(budget=0))
+        self._preempt(req, StepState(budget=0))
         return True
 
-    def _make_output(self, st: _Step) -> SchedulerOutput:
+    def _make_output(self, st: StepState) -> SchedulerOutput:
         ops = self.kv_cache.take_block_ops()
         out = SchedulerOutput(
             finished_req_ids=self._finished_ids,
@@ -360,6 +345,8 @@ class Scheduler:
             else:
                 out.cached_requests.append(CachedRequestData(rid, req.block_ids[sent:]))
             self._sent_blocks[rid] = len(req.block_ids)
+        if self.structured_output is not None:  # (and, when nothing runs, waits briefly for compiles)
+            self.structured_output.fill_bitmask(out, self.requests)
         s = self.stats
         s.num_steps += 1
         s.last_num_decodes = len(st.decodes)
@@ -424,13 +411,20 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
                     break
-            if not req.is_finished:
+            if not req.is_finished:  # proposals past what the grammar allows are cut off
                 req.spec_token_ids = drafts.get(req_id, [])
+                if req.structured_output_request is not None:
+                    req.spec_token_ids = self.structured_output.validate_drafts(req, req.spec_token_ids)
             updated.append((req, kept))
         return updated
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params
+        if req.structured_output_request is not None:  # a grammar that ended (or rejected the token)
+            verdict = self.structured_output.advance(req, token)
+            if verdict is not None:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED if verdict == "stop" else RequestStatus.FINISHED_ERROR
         if req.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 req.stop_reason = None

@@ -17,6 +17,7 @@ from engine.sample.metadata import SamplingMetadata
 from engine.sample.sampler import Sampler, apply_logits_processors, gather_logprobs
 from engine.scheduler.output import SchedulerOutput
 from engine.spec_decode.rejection_sampler import SpecBatch, greedy_verify, random_verify
+from engine.structured_output.apply import attach_grammar, processed_logprobs
 
 
 def _row_states(state, spec: list[int]) -> list:
@@ -61,8 +62,12 @@ def _verify_group(compute_logits, hidden, so, qsl, group, requests, sampled, log
     logits = logits.float()
     vocab = logits.shape[-1]
     meta = SamplingMetadata.build(row_states, vocab, device)
+    attach_grammar(meta, so, [(so.req_ids[i], j) for i, s in zip(group, specs) for j in range(len(s) + 1)],
+                   row_states, device)  # structured outputs: each position's grammar mask
     raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
     logits = apply_logits_processors(logits, meta)
+    if raw_logprobs is not None and meta.grammar_rows is not None:
+        processed_logprobs(raw_logprobs, logits, meta)
     batch = SpecBatch(
         draft_token_ids=specs,
         draft_probs=[_draft_probs(st.draft_probs, len(s), device) for st, s in zip(states, specs)],

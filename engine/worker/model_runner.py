@@ -16,6 +16,7 @@ from engine.sample.metadata import SamplingMetadata
 from engine.sample.sampler import Sampler
 from engine.scheduler.output import SchedulerOutput
 from engine.spec_decode.proposer import DraftRequest, Proposer, make_proposer
+from engine.structured_output.apply import attach_grammar
 from engine.worker.graph_runner import StepGraphRunner, make_step_graph_runner
 from engine.worker.request_state import CachedRequestState
 
@@ -54,7 +55,8 @@ class ModelRunner:
     # ---- set-up ----------------------------------------------------------------------------
     def load_model(self, show_progress: bool = True) -> None:
         mc = self.model_config
-        self.model = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization)
+        self.model = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization,
+                                gguf_file=getattr(mc, "gguf_file", None))
         from engine.attention.backends.selector import get_attention_backend
 
         self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
@@ -251,7 +253,9 @@ class ModelRunner:
             return sampled, logprobs
         logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
         states = [self.requests[so.req_ids[i]] for i in sampled_rows]
-        out = self.sampler(logits, SamplingMetadata.build(states, logits.shape[-1], self.device))
+        sampling = SamplingMetadata.build(states, logits.shape[-1], self.device)
+        attach_grammar(sampling, so, [(so.req_ids[i], 0) for i in sampled_rows], states, self.device)
+        out = self.sampler(logits, sampling)
         tokens = out.token_ids.tolist()
         lp = out.logprobs.tolist() if out.logprobs is not None else None
         lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 H100_MAX_SHARED = 227 * 1024  # bytes of shared memory one block may use on sm_90
-FLOAT_ARGS = {"qk_scale", "eps"}
+FLOAT_ARGS = {"qk_scale", "eps", "softcap"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -66,7 +66,7 @@ def _cases() -> dict[str, Case]:
             dict(q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, block_tables_ptr="*i32", seq_lens_ptr="*i32",
                  out_ptr=p, part_out_ptr=part, part_lse_ptr=part),
             dict(GROUP=group, BLOCK_G=16, BLOCK_D=d, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=splits,
-                 PRECISION="ieee" if dt == "fp32" else "tf32"),
+                 PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=dt == "bf16"),
             dict(num_warps=num_warps),
         )
     cases["decode_reduce-bf16"] = (
@@ -82,7 +82,7 @@ def _cases() -> dict[str, Case]:
             dict(q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, block_tables_ptr="*i32", query_start_ptr="*i32",
                  seq_lens_ptr="*i32", out_ptr=p),
             dict(GROUP=3, BLOCK_D=d, BLOCK_SIZE=32, BLOCK_M=block_m, BLOCK_N=block_n,
-                 PRECISION="ieee" if dt == "fp32" else "tf32"),
+                 PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=dt == "bf16"),
             dict(num_warps=num_warps),
         )
     return cases

@@ -78,10 +78,10 @@ def tokenize(server: "Server", text: str) -> list[int]:
     return out["tokens"]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, default_model_path) -> Server:
+def spawn_server(log_path: Path, *extra_args: str) -> Server:
+    """Starts ``python -m engine serve`` with the test settings (plus ``extra_args``) and waits
+    until it is healthy; the caller stops it (``stop_server``)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
         sys.executable, "-m", "engine", "serve",
         "--host", "127.0.0.1", "--port", str(port),
@@ -91,6 +91,7 @@ def server(tmp_path_factory, default_model_path) -> Server:
         "--num-gpu-blocks-override", str(NUM_BLOCKS),
         "--max-request-body-bytes", str(MAX_BODY),
         "--log-stats-interval", "1",
+        *extra_args,
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "wb") as log:
@@ -103,20 +104,35 @@ def server(tmp_path_factory, default_model_path) -> Server:
                 pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log()[-4000:]}")
             try:
                 if _get(srv.url + "/health") == 200:
-                    break
+                    return srv
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"the server did not become healthy in 180 s:\n{srv.log()[-4000:]}")
             time.sleep(0.5)
+    except BaseException:
+        stop_server(srv)
+        raise
+
+
+def stop_server(srv: Server) -> None:
+    if srv.proc.poll() is not None:
+        return
+    srv.proc.terminate()
+    try:
+        srv.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        srv.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, default_model_path) -> Server:
+    srv = spawn_server(tmp_path_factory.mktemp("server") / "server.log")
+    try:
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(srv)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 output order: the typed EngineStats -> Prometheus table must reproduce them exactly."""
 from __future__ import annotations
 
+from engine.structured_output.metrics import FAMILIES
+
 METRIC_FAMILIES = [
     ('vllm:num_requests_running', 'gauge', 'Requests running on the engine.'),
     ('vllm:num_requests_waiting', 'gauge', 'Requests waiting to be scheduled.'),
@@ -52,4 +54,7 @@ METRIC_FAMILIES = [
     ('vllm:time_to_first_token_seconds', 'histogram', 'Time from arrival to the first generated token.'),
     ('vllm:inter_token_latency_seconds', 'histogram', 'Time between successive steps that gave a request tokens.'),
     ('vllm:e2e_request_latency_seconds', 'histogram', 'Time from arrival to the last token (finished requests).'),
+    *FAMILIES,  # structured outputs (engine/structured_output/metrics.py)
+    ('vllm:admission_rejections_total', 'counter', 'Requests and connections refused by admission control, by reason.'),
+    ('vllm:num_requests_queued', 'gauge', 'Sequences waiting for the engine (what --max-num-queued-requests caps).'),
 ]

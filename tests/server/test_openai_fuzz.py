@@ -1,6 +1,8 @@
 """Random request bodies: every answer is a success or an OpenAI error, and the server stays healthy."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -85,3 +87,46 @@ def test_random_bodies_get_success_or_openai_error(server, endpoint, data):
 def test_fuzz_reached_the_happy_path():
     # runs after the fuzz test (file order): the generator must produce accepted requests too
     assert OUTCOMES.count(200) >= 5 and len(OUTCOMES) - OUTCOMES.count(200) >= 5, OUTCOMES
+
+
+# ---- hostile text and shapes: all of Unicode (lone surrogates too), deep nesting, huge numbers ----
+any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=12)
+
+
+@st.composite
+def hostile_bodies(draw, key: str) -> bytes:
+    """A request body as raw bytes: json.dumps escapes lone surrogates (\\udXXX), and the deep or
+    huge parts are spliced in as text (json.dumps itself refuses integers past 4300 digits)."""
+    body = {key: draw(any_text) if key == "prompt" else [{"role": draw(st.sampled_from(["user", "system"])),
+                                                          "content": draw(any_text)}],
+            "max_tokens": 1}
+    for name in draw(st.lists(st.sampled_from(["model", "stop", "user", "logit_bias", any_text]), max_size=3)):
+        if isinstance(name, str) and name in ("model", "stop", "user"):
+            body[name] = draw(any_text)
+        elif name == "logit_bias":
+            body[name] = {draw(any_text): 1}
+        else:
+            body[draw(name)] = draw(any_text)
+    text = json.dumps(body)
+    splice = draw(st.sampled_from(["none", "deep", "digits", "float"]))
+    if splice == "deep":
+        d = draw(st.integers(30, 3000))
+        text = text[:-1] + f', "n": {"[" * d}{"]" * d}}}'
+    elif splice == "digits":
+        text = text[:-1] + f', "{draw(st.sampled_from(["seed", "n", "max_tokens", "x"]))}": ' \
+            f'{"-" if draw(st.booleans()) else ""}{"7" * draw(st.integers(20, 6000))}}}'
+    elif splice == "float":
+        text = text[:-1] + f', "temperature": 1{"0" * draw(st.integers(300, 5000))}.5e{draw(st.integers(-400, 400))}}}'
+    return text.encode()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(endpoint=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize"]), data=st.data())
+def test_hostile_bodies_never_get_a_500(server, endpoint, data):
+    key = "messages" if endpoint.endswith("chat/completions") else "prompt"
+    raw = data.draw(hostile_bodies(key))
+    status, out = http(server, "POST", endpoint, data=raw, headers={"Content-Type": "application/json"}, timeout=120)
+    assert status in (200, 400, 404), (status, out, raw[:300])
+    if status != 200:
+        assert isinstance(out, dict) and set(out["error"]) == {"message", "type", "param", "code"}, out
+    assert http(server, "GET", "/health", auth=False)[0] == 200

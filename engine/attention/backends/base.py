@@ -23,6 +23,10 @@ class AttentionBackend(ABC):
     ``query`` is ``[T, num_heads, head_dim]``; ``key``/``value`` are ``[T, num_kv_heads, head_dim]``
     for the step's new tokens. The caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
     Returns ``[T, num_heads, head_dim]``.
+
+    ``window`` and ``softcap`` are the calling layer's (engine/layers/attention.py): a query at
+    position p sees only keys at positions > p - window when ``window`` > 0 (sliding-window layers),
+    and scores are capped to ``softcap * tanh(s / softcap)`` when ``softcap`` > 0 (Gemma 2).
     """
 
     name: str = "base"
@@ -38,4 +42,6 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor: ...

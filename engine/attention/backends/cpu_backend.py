@@ -35,22 +35,23 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 and meta.block_tables.dtype == torch.int32 and meta.block_tables.stride(1) == 1
                 and meta.seq_lens.dtype == torch.int32 and meta.slot_mapping.dtype == torch.int64)
 
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
+                softcap: float = 0.0) -> torch.Tensor:
         if not self._usable(query, key, value, k_cache, meta):
-            return super().forward(query, key, value, k_cache, v_cache, meta, scale)
+            return super().forward(query, key, value, k_cache, v_cache, meta, scale, window, softcap)
         self.kernels.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         t, h, d = query.shape
         out = empty(t, h, d)  # fp32 (checked above); a plan's shared buffer while one is recorded
         nd = meta.num_decodes
         if nd:
             self.kernels.paged_decode_attention(query[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                                meta.seq_lens[:nd], scale, out[:nd])
+                                                meta.seq_lens[:nd], scale, out[:nd], window, softcap)
         if nd == meta.num_requests:
             return out
         qsl = meta.query_start_loc_host[nd:]
         base = qsl[0]
         out[base:] = torch_ref.paged_prefill_attention(
             query[base:], k_cache, v_cache, meta.block_tables[nd:], [x - base for x in qsl],
-            meta.seq_lens_host[nd:], scale, key=key[base:], value=value[base:],
+            meta.seq_lens_host[nd:], scale, key=key[base:], value=value[base:], window=window, softcap=softcap,
         )
         return out

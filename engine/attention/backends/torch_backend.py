@@ -25,6 +25,7 @@ class DecodeGroup:
     num_blocks: int
     length: int  # keys attended per row (padded to the group's longest context)
     mask: torch.Tensor | None  # [num_rows, 1, 1, length] bool; None when nothing is padded
+    lens: torch.Tensor  # [num_rows] int64 context lengths (for sliding-window masks)
 
 
 def plan_decode_groups(meta: AttentionMetadata, max_waste: float = 0.5) -> list[DecodeGroup]:
@@ -49,13 +50,14 @@ def plan_decode_groups(meta: AttentionMetadata, max_waste: float = 0.5) -> list[
         rows_t = None if in_order else torch.tensor(rows, dtype=torch.int64, device=tables.device)
         sub = tables[:nd] if rows_t is None else tables.index_select(0, rows_t)
         row_lens = [lens[i] for i in rows]
+        lens_t = torch.tensor(row_lens, dtype=torch.int64, device=tables.device)
         if all(n == longest for n in row_lens):
             length, mask = longest, None  # no padding: attend over exactly the context
         else:
             length = nblocks * bs
-            lens_t = torch.tensor(row_lens, device=tables.device)
             mask = (torch.arange(length, device=tables.device)[None, :] < lens_t[:, None])[:, None, None, :]
-        groups.append(DecodeGroup(rows_t, len(rows), sub[:, :nblocks].reshape(-1).long(), nblocks, length, mask))
+        groups.append(DecodeGroup(rows_t, len(rows), sub[:, :nblocks].reshape(-1).long(), nblocks, length, mask,
+                                  lens_t))
     return groups
 
 
@@ -77,7 +79,7 @@ class TorchAttentionBackend(AttentionBackend):
         return ws[0][:num_blocks], ws[1][:num_blocks]
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
         _, bs, kvh, d = k_cache.shape
         group = query.shape[1] // kvh
         for g in self._groups:
@@ -87,9 +89,12 @@ class TorchAttentionBackend(AttentionBackend):
             k = k_buf.view(g.num_rows, g.num_blocks * bs, kvh, d)[:, : g.length].transpose(1, 2)
             v = v_buf.view(g.num_rows, g.num_blocks * bs, kvh, d)[:, : g.length].transpose(1, 2)
             q = query if g.rows is None else query.index_select(0, g.rows)
+            mask = g.mask
+            if window > 0:  # a row sees its last `window` keys only
+                in_window = torch.arange(g.length, device=k.device)[None, :] >= (g.lens - window)[:, None]
+                mask = in_window[:, None, None, :] if mask is None else mask & in_window[:, None, None, :]
             # GQA: the `group` query heads of one KV head become `group` query rows of that head
-            o = F.scaled_dot_product_attention(q.view(g.num_rows, kvh, group, d).to(k.dtype), k, v,
-                                               attn_mask=g.mask, scale=scale)
+            o = torch_ref.attend(q.view(g.num_rows, kvh, group, d).to(k.dtype), k, v, mask, scale, softcap)
             o = o.reshape(g.num_rows, -1, d).to(out.dtype)
             if g.rows is None:
                 out.copy_(o)
@@ -105,6 +110,8 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         torch_ref.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
@@ -112,7 +119,7 @@ class TorchAttentionBackend(AttentionBackend):
         if meta is not self._planned_for:  # first layer of a step
             self._planned_for, self._groups = meta, plan_decode_groups(meta)
         if nd:
-            self._decode(query[:nd], k_cache, v_cache, scale, out[:nd])
+            self._decode(query[:nd], k_cache, v_cache, scale, out[:nd], window, softcap)
         if nd == meta.num_requests:
             return out
         qsl = meta.query_start_loc_host[nd:]
@@ -127,5 +134,7 @@ class TorchAttentionBackend(AttentionBackend):
             scale,
             key=key[base:],
             value=value[base:],
+            window=window,
+            softcap=softcap,
         )
         return out

@@ -24,6 +24,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
@@ -31,10 +33,10 @@ class TritonAttentionBackend(AttentionBackend):
         if nd:
             paged_decode_attention(
                 query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                max_seq_len=meta.max_decode_seq_len, out=out[:nd],
+                max_seq_len=meta.max_decode_seq_len, out=out[:nd], window=window, softcap=softcap,
             )
         if meta.num_prefills:
-            self._prefill(query, k_cache, v_cache, meta, scale, out)
+            self._prefill(query, k_cache, v_cache, meta, scale, out, window, softcap)
         end = meta.query_start_loc_host[-1]
         if end < query.shape[0]:
             out[end:].zero_()  # padded tokens: keep them finite for the layers that follow
@@ -48,6 +50,8 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> None:
         """Runs the prefill kernel on the requests after the decodes; their query offsets stay absolute
         into the flattened batch, so the kernel reads and writes ``query``/``out`` in place."""
@@ -56,5 +60,5 @@ class TritonAttentionBackend(AttentionBackend):
         max_q = max(e - s for s, e in zip(qsl[nd:-1], qsl[nd + 1 :]))
         paged_prefill_attention(
             query, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:], meta.seq_lens[nd:],
-            scale, max_query_len=max_q, out=out,
+            scale, max_query_len=max_q, out=out, window=window, softcap=softcap,
         )

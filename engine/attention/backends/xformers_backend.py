@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from engine.attention.backends.base import AttentionBackend
+from engine.attention.backends.triton_backend import TritonAttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
@@ -38,6 +39,7 @@ class XFormersAttentionBackend(AttentionBackend):
     def __init__(self, xformers_api: tuple[Any, Any] | None = None) -> None:
         # the api can be injected (tests substitute a torch implementation of the same contract)
         self._attend, self._mask_cls = xformers_api if xformers_api is not None else load_xformers()
+        self._triton = TritonAttentionBackend()
 
     def forward(
         self,
@@ -48,7 +50,11 @@ class XFormersAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
+        if window > 0 or softcap > 0:  # not in xformers' mask: the Triton kernels take these layers
+            return self._triton.forward(query, key, value, k_cache, v_cache, meta, scale, window, softcap)
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         nd = meta.num_decodes

@@ -15,6 +15,8 @@ from operator import attrgetter
 from engine.core.engine_client import EngineClient
 from engine.core.request_metrics import Histogram
 from engine.core.stats import EngineStats
+from engine.structured_output.metrics import FIELDS as STRUCTURED_FIELDS
+from engine.structured_output.metrics import write_metrics as write_structured_output_metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -89,8 +91,9 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
     _stat("spec_acceptance_rate", "spec_decoding.acceptance_rate"),
     _stat("spec_mean_accepted_length", "spec_decoding.mean_accepted_length"),
 )
-# EngineStats fields deliberately not exported (the free count is total - used)
-UNEXPORTED_FIELDS = frozenset({"kv_cache.kv_blocks_free", "spec_decoding.accepted_per_position"})
+# EngineStats fields deliberately not exported (the free count is total - used), and the structured
+# output fields render_metrics writes itself (labelled by kind, a histogram)
+UNEXPORTED_FIELDS = frozenset({"kv_cache.kv_blocks_free", "spec_decoding.accepted_per_position"}) | STRUCTURED_FIELDS
 
 
 def _fmt(v: float) -> str:
@@ -135,7 +138,7 @@ class _Writer:
         self.sample(f"{name}_count", count)
 
 
-def render_metrics(engine: EngineClient, model_name: str) -> str:
+def render_metrics(engine: EngineClient, model_name: str, rejections: dict[str, int] | None = None) -> str:
     w = _Writer({"model_name": model_name})
     stats = engine.get_stats()
     for metric in ENGINE_METRICS:
@@ -153,4 +156,16 @@ def render_metrics(engine: EngineClient, model_name: str) -> str:
     w.histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first generated token.", m.ttft)
     w.histogram("vllm:inter_token_latency_seconds", "Time between successive steps that gave a request tokens.", m.itl)
     w.histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token (finished requests).", m.e2e)
+    write_structured_output_metrics(w, stats.structured_output)
+    if rejections is not None:
+        from engine.entrypoints.openai.limits import REJECTION_REASONS
+
+        w.header("vllm:admission_rejections_total", "counter",
+                 "Requests and connections refused by admission control, by reason.")
+        for reason in sorted(set(REJECTION_REASONS) | set(rejections)):
+            w.sample("vllm:admission_rejections_total", rejections.get(reason, 0), reason=reason)
+    queued = getattr(engine, "num_queued_requests", None)
+    if callable(queued):
+        w.scalar("vllm:num_requests_queued", "gauge",
+                 "Sequences waiting for the engine (what --max-num-queued-requests caps).", queued())
     return "\n".join(w.lines) + "\n"

@@ -1,28 +1,31 @@
-"""The OpenAI-compatible HTTP server (aiohttp): routes, JSON body reading, auth and error mapping."""
+"""The OpenAI-compatible HTTP server (aiohttp): routes, JSON body reading, auth, admission and error
+mapping. Process lifecycle (listening, connection cap, shutdown) is in api_server.py."""
 from __future__ import annotations
 
 import argparse
-import copy
+import asyncio
 import hmac
 import json
 import logging
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from engine import __version__ as ENGINE_VERSION
 from engine.config import EngineArgs
-from engine.core.async_engine import AsyncLLMEngine
-from engine.core.engine_client import EngineClient
+from engine.core.engine_client import EngineClient, QueueFullError
 from engine.entrypoints.chat_utils import render_chat
 from engine.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES
+from engine.entrypoints.openai.error_body import RateLimitError
+from engine.entrypoints.openai.limits import LimitError, Rejections, RequestLimits
 from engine.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render_metrics
 from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int
+from engine.entrypoints.openai.request_body import parse_json_body
 from engine.entrypoints.openai.serving_chat import OpenAIServingChat, parse_messages
 from engine.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from engine.entrypoints.openai.serving_engine import ServerConfig, error_response, json_response
-from engine.models.default_model import DEFAULT_MODEL_NAME
+from engine.entrypoints.openai.tokenizer_pool import PerThreadTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +35,22 @@ STATE_KEY = web.AppKey("state", object)
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body; wrong content types, oversize and malformed bodies are OpenAIErrors."""
+    """The request's JSON body; wrong content types, oversize, slow and malformed bodies are
+    OpenAIErrors (see request_body.parse_json_body for what is refused)."""
     if request.content_type != "application/json":
         raise OpenAIError(
             f"Content-Type must be application/json, got {request.content_type or 'none'!r}", status=415
         )
-    limit = request.app[STATE_KEY].max_body
+    st = _state(request)
+    limit = st.max_body
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
-    raw = await request.read()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OpenAIError(f"We could not parse the JSON body of your request: {e}") from None
+        raw = await asyncio.wait_for(request.read(), st.body_read_timeout)
+    except asyncio.TimeoutError:
+        raise OpenAIError(f"The request body did not arrive within {st.body_read_timeout:g} s", status=408,
+                          code="request_timeout") from None
+    return parse_json_body(raw)
 
 
 def _too_large(size: int | None, limit: int) -> OpenAIError:
@@ -53,18 +59,31 @@ def _too_large(size: int | None, limit: int) -> OpenAIError:
                        code="request_too_large")
 
 
+# routes that answer without the API key unless --api-key-all-routes (probes and scrapers)
+PUBLIC_ROUTES = frozenset({"/health", "/metrics", "/version"})
+
+
+@dataclass
 class _State:
-    def __init__(self, engine: EngineClient, config: ServerConfig, tokenizer: Any, api_key: str | None,
-                 max_body: int, model_root: str) -> None:
-        self.engine = engine
-        self.config = config
-        self.tokenizer = tokenizer
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body = max_body
-        self.model_root = model_root
-        self.completion = OpenAIServingCompletion(engine, config, tokenizer)
-        self.chat = OpenAIServingChat(engine, config, tokenizer)
-        self.created = now_int()
+    engine: EngineClient
+    config: ServerConfig
+    tokenizer: Any
+    api_key: bytes | None
+    max_body: int
+    model_root: str
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    api_key_all_routes: bool = False
+    body_read_timeout: float = 30.0
+    rejections: Rejections = field(default_factory=Rejections)
+    draining: bool = False  # shutting down: new requests get 503
+    active: int = 0  # requests being handled now
+    completion: OpenAIServingCompletion = field(init=False)
+    chat: OpenAIServingChat = field(init=False)
+    created: int = field(default_factory=now_int)
+
+    def __post_init__(self) -> None:
+        self.completion = OpenAIServingCompletion(self.engine, self.config, self.tokenizer)
+        self.chat = OpenAIServingChat(self.engine, self.config, self.tokenizer)
 
 
 def _state(request: web.Request) -> _State:
@@ -75,12 +94,18 @@ def _state(request: web.Request) -> _State:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as OpenAI's error JSON, never as a framework page."""
+    st = _state(request)
     try:
         return await handler(request)
     except OpenAIError as e:
+        if isinstance(e, LimitError):
+            st.rejections.add("request_limit")
         return error_response(e)
+    except QueueFullError as e:
+        st.rejections.add("queue_full")
+        return error_response(RateLimitError(str(e), code="queue_full"))
     except web.HTTPRequestEntityTooLarge:
-        return error_response(_too_large(request.content_length, _state(request).max_body))
+        return error_response(_too_large(request.content_length, st.max_body))
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -88,18 +113,39 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         msg = {404: f"Not found: {request.method} {request.path}",
                405: f"Method {request.method} is not allowed on {request.path}"}.get(e.status, e.reason)
         return error_response(OpenAIError(msg, status=e.status, code=code))
-    except (ConnectionResetError, ConnectionAbortedError):
+    except (ConnectionResetError, ConnectionAbortedError, asyncio.CancelledError):
         raise
+    except RecursionError:
+        return error_response(OpenAIError("The request is nested too deeply"))
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(OpenAIError("Internal server error", status=500, type="server_error"))
 
 
 @web.middleware
+async def admission_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts requests in flight (shutdown waits for them) and refuses new ones while draining."""
+    st = _state(request)
+    if st.draining and request.path not in PUBLIC_ROUTES:
+        st.rejections.add("shutting_down")
+        return error_response(OpenAIError("The server is shutting down", status=503, type="server_error",
+                                          code="shutting_down"))
+    st.active += 1
+    try:
+        return await handler(request)
+    finally:
+        st.active -= 1
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = _state(request).api_key
-    if key is not None and request.path.startswith("/v1"):
-        given = request.headers.get("Authorization", "").encode()
+    st = _state(request)
+    key = st.api_key
+    if key is not None and (st.api_key_all_routes or request.path not in PUBLIC_ROUTES):
+        try:  # header text holds undecodable bytes as surrogate escapes: compare the raw bytes
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            given = b""
         if not hmac.compare_digest(given, b"Bearer " + key):
             return error_response(
                 OpenAIError("Incorrect API key provided.", status=401, code="invalid_api_key")
@@ -118,7 +164,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     st = _state(request)
-    text = render_metrics(st.engine, st.config.served_model_names[0])
+    text = render_metrics(st.engine, st.config.served_model_names[0], rejections=st.rejections.snapshot())
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -138,23 +184,31 @@ async def models(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     st = _state(request)
-    return await st.completion.create_completion(request, await read_json(request))
+    data = await read_json(request)
+    st.limits.check_body(data, prompts_field="prompt")
+    return await st.completion.create_completion(request, data)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = _state(request)
-    return await st.chat.create_chat_completion(request, await read_json(request))
+    data = await read_json(request)
+    st.limits.check_body(data)
+    return await st.chat.create_chat_completion(request, data)
 
 
 async def tokenize(request: web.Request) -> web.Response:
     st = _state(request)
     body = Body(await read_json(request))
     st.completion.check_model(body)
+    want_strs = body.bool("return_token_strs", False)
     if body.has("messages"):
+        messages = parse_messages(body)
+        add_generation_prompt = body.bool("add_generation_prompt", True)
         try:
             ids = await st.completion.in_tokenizer_thread(
-                render_chat, st.tokenizer, parse_messages(body), st.config.chat_template,
-                body.bool("add_generation_prompt", True),
+                lambda: render_chat(st.tokenizer, messages, st.config.chat_template, add_generation_prompt,
+                                    **st.config.chat_options),
+                size=sum(len(m["content"]) for m in messages),
             )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None
@@ -164,22 +218,47 @@ async def tokenize(request: web.Request) -> web.Response:
             raise OpenAIError("'prompt' must be a string", param="prompt")
         add_special = body.bool("add_special_tokens", True)
         ids = await st.completion.in_tokenizer_thread(
-            lambda: st.tokenizer.encode(prompt, add_special_tokens=add_special)
+            lambda: st.tokenizer.encode(prompt, add_special_tokens=add_special), size=len(prompt)
         )
-    strs = st.tokenizer.convert_ids_to_tokens(ids) if body.bool("return_token_strs", False) else None
-    return json_response({"count": len(ids), "max_model_len": st.completion.max_model_len, "tokens": ids,
-                          "token_strs": strs})
+    strs = None
+    if want_strs:
+        strs = await st.completion.in_tokenizer_thread(st.tokenizer.convert_ids_to_tokens, ids, size=len(ids))
+    head = {"count": len(ids), "max_model_len": st.completion.max_model_len}
+    # a long answer is serialised off the event loop, in slices, so no stream waits for it
+    body = await st.completion.in_tokenizer_thread(_tokenize_body, head, ids, strs, size=len(ids))
+    return web.Response(body=body, content_type="application/json")
+
+
+def _tokenize_body(head: dict, ids: list[int], strs: list[str] | None) -> bytes:
+    parts = [json.dumps(head, ensure_ascii=False)[:-1], ', "tokens": [']
+    step = 8192  # each slice holds the GIL for about a millisecond
+    parts += [",".join(map(str, ids[i:i + step])) + ("," if i + step < len(ids) else "")
+              for i in range(0, len(ids), step)]
+    parts.append('], "token_strs": ')
+    if strs is None:
+        parts.append("null")
+    else:
+        parts.append("[")
+        parts += [json.dumps(strs[i:i + step], ensure_ascii=False)[1:-1] + ("," if i + step < len(strs) else "")
+                  for i in range(0, len(strs), step)]
+        parts.append("]")
+    parts.append("}")
+    return "".join(parts).encode()
 
 
 async def detokenize(request: web.Request) -> web.Response:
     st = _state(request)
-    body = Body(await read_json(request))
+    data = await read_json(request)
+    body = Body(data)
     st.completion.check_model(body)
+    if isinstance(data.get("tokens"), list):
+        st.limits.check_token_ids("tokens", len(data["tokens"]))
     ids = body.int_list("tokens")
     if ids is None:
         raise OpenAIError("'tokens' is a required property", param="tokens")
     st.completion.check_ids(ids, "tokens")
-    return json_response({"prompt": st.tokenizer.decode(ids)})
+    text = await st.completion.in_tokenizer_thread(st.tokenizer.decode, ids, size=len(ids))
+    return json_response({"prompt": text})
 
 
 # ---- app ---------------------------------------------------------------------------------------
@@ -191,10 +270,20 @@ def build_app(
     api_key: str | None = None,
     max_body: int = DEFAULT_MAX_BODY_BYTES,
     model_root: str = "",
+    limits: RequestLimits | None = None,
+    api_key_all_routes: bool = False,
+    body_read_timeout: float = 30.0,
+    shutdown_timeout: float = 10.0,
 ) -> web.Application:
+    """The routes. ``model_root`` is what /v1/models reports as ``root`` (never a path the user
+    did not give). ``tokenizer`` is used from several threads: a PerThreadTokenizer unless it is."""
+    if not isinstance(tokenizer, PerThreadTokenizer):
+        tokenizer = PerThreadTokenizer(tokenizer)
     # aiohttp refuses bodies over client_max_size itself; read_json turns that into a JSON 413
-    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=max_body)
-    app[STATE_KEY] = _State(engine, config, tokenizer, api_key, max_body, model_root)
+    app = web.Application(middlewares=[errors_middleware, admission_middleware, auth_middleware],
+                          client_max_size=max_body)
+    app[STATE_KEY] = _State(engine, config, tokenizer, api_key.encode() if api_key else None, max_body,
+                            model_root, limits or RequestLimits(), api_key_all_routes, body_read_timeout)
     app[ENGINE_KEY] = engine
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
@@ -209,42 +298,19 @@ def build_app(
         engine.start()
 
     async def stop_engine(app: web.Application) -> None:
-        await engine.shutdown()
+        await engine.shutdown(timeout=shutdown_timeout)
 
     app.on_startup.append(start_engine)
     app.on_cleanup.append(stop_engine)
     return app
 
 
-def _chat_template(value: str | None) -> str | None:
-    if value is None:
-        return None
-    p = Path(value)
-    return p.read_text() if p.is_file() else value
+def app_state(app: web.Application) -> _State:
+    return app[STATE_KEY]  # type: ignore[return-value]
 
 
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
-    """Loads the engine, then serves until interrupted (``python -m engine serve``)."""
-    engine = AsyncLLMEngine.from_engine_args(
-        engine_args, log_stats=not ns.disable_log_stats, log_stats_interval=ns.log_stats_interval
-    )
-    names = ns.served_model_name or [engine_args.model or DEFAULT_MODEL_NAME]
-    config = ServerConfig(
-        served_model_names=names,
-        max_logprobs=ns.max_logprobs,
-        response_role=ns.response_role,
-        chat_template=_chat_template(ns.chat_template),
-    )
-    # the server's own tokenizer: the engine's is busy on the engine thread (not started yet, so
-    # copying it is safe)
-    tokenizer = copy.deepcopy(engine.get_tokenizer())
-    app = build_app(
-        engine, config, tokenizer, api_key=ns.api_key,
-        max_body=ns.max_request_body_bytes, model_root=engine.model_config.model_path,
-    )
-    logger.info("serving %s on http://%s:%d", names[0], ns.host, ns.port)
-    web.run_app(
-        app, host=ns.host, port=ns.port, handler_cancellation=True, print=None,
-        access_log=None if ns.disable_log_requests else logging.getLogger("aiohttp.access"),
-    )
-    return 0
+    """Loads the engine, then serves until SIGTERM / SIGINT (``python -m engine serve``)."""
+    from engine.entrypoints.openai.api_server import run_server as run
+
+    return run(ns, engine_args)

@@ -72,15 +72,14 @@ def parse_messages(body: Body) -> list[dict]:
 
 
 class OpenAIServingChat(OpenAIServing):
+    max_temperature = 2.0  # OpenAI's range for chat
+
     def _check_unsupported(self, body: Body) -> None:
         tools = body.raw("tools")
         if tools and body.raw("tool_choice", "auto") != "none":
             raise OpenAIError("tool calling is not supported by this server", param="tools")
         if body.has("functions"):
             raise OpenAIError("'functions' is not supported by this server", param="functions")
-        fmt = body.obj("response_format")
-        if fmt is not None and fmt.raw("type", "text") != "text":
-            raise OpenAIError("only response_format {\"type\": \"text\"} is supported", param="response_format")
 
     async def create_chat_completion(self, request: web.Request, data: Any) -> web.StreamResponse:
         body = Body(data)
@@ -101,7 +100,9 @@ class OpenAIServingChat(OpenAIServing):
         priority = body.int("priority", 0)
         try:
             ids = await self.in_tokenizer_thread(
-                render_chat, self.tokenizer, messages, self.config.chat_template, add_generation_prompt
+                lambda: render_chat(self.tokenizer, messages, self.config.chat_template, add_generation_prompt,
+                                    **self.config.chat_options),
+                size=sum(len(m["content"]) for m in messages),
             )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None

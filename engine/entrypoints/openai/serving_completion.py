@@ -67,7 +67,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append(_Prompt(item, await self.in_tokenizer_thread(self.tokenizer.encode, item)))
+                ids = await self.in_tokenizer_thread(self.tokenizer.encode, item, size=len(item))
+                prompts.append(_Prompt(item, ids))
             elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
                 prompts.append(_Prompt(None, list(item)))  # the InputProcessor checks the ids
             else:

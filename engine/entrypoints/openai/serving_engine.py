@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from aiohttp import web
@@ -17,6 +16,9 @@ from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.entrypoints.openai.protocol import Body, OpenAIError
+from engine.structured_output.openai_fields import structured_outputs_from_body, wait_for_grammars
+from engine.entrypoints.openai.error_body import safe_error_response
+from engine.entrypoints.openai.tokenizer_pool import TokenizerPool, shared_pool
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def error_response(err: OpenAIError) -> web.Response:
-    return json_response(err.to_dict(), status=err.status)
+    return safe_error_response(err)  # ASCII-escaped, cannot fail (messages may quote user input)
 
 
 def sse(data: Any) -> bytes:
@@ -66,15 +68,9 @@ def input_error(e: ValueError, prompt_param: str) -> OpenAIError:
     return OpenAIError(str(e), param=param)
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _tokenize_pool() -> ThreadPoolExecutor:
-    # one thread for all servings, so the server's tokenizer is only ever encoding in one place
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-    return _POOL
+def _tokenize_pool() -> TokenizerPool:
+    # one pool for all servings; the server's tokenizer is a PerThreadTokenizer (a copy per thread)
+    return shared_pool()
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -123,9 +119,14 @@ class ServerConfig:
     max_logprobs: int = 20
     response_role: str = "assistant"
     chat_template: str | None = None
+    # render_chat options: content_format ("auto" / "string" / "openai"), split_special_tokens
+    chat_options: dict[str, Any] = field(default_factory=dict)
 
 
 class OpenAIServing:
+    # OpenAI's range is [0, 2]; completions keep vLLM's wider one (finite: fp32 logits / t stay finite)
+    max_temperature: float = 100.0
+
     def __init__(self, engine: EngineClient, config: ServerConfig, tokenizer: Any) -> None:
         self.engine = engine
         self.config = config
@@ -140,10 +141,11 @@ class OpenAIServing:
         # engine queues what we hand it without checking again
         self.input_processor = engine.input_processor.with_tokenizer(tokenizer)
 
-    async def in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
+    async def in_tokenizer_thread(self, fn: Any, *args: Any, size: int = 0) -> Any:
         """Runs a tokenizer call (encode, chat template) off the event loop: a long prompt takes
-        milliseconds to tokenize and would stall every stream meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+        milliseconds to tokenize and would stall every stream meanwhile. ``size`` (characters or
+        ids) picks the lane: long inputs queue behind each other, not in front of short ones."""
+        return await self._tokenize_pool.run(fn, *args, size=size)
 
     @property
     def model_name(self) -> str:
@@ -173,10 +175,13 @@ class OpenAIServing:
         def process() -> list[ProcessedInput]:
             return [self.input_processor.process(p, params) for p in prompts]
 
+        size = sum(len(p.get("prompt_token_ids") or ()) if isinstance(p, dict) else len(p) for p in prompts)
         try:
-            return await self.in_tokenizer_thread(process)
+            inputs = await self.in_tokenizer_thread(process, size=size)
         except ValueError as e:
             raise input_error(e, prompt_param) from None
+        await wait_for_grammars(self.input_processor, inputs)  # a constraint that cannot compile: 400 now
+        return inputs
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """Returns max_tokens (defaulted to what fits); rejects what cannot fit the context."""
@@ -203,13 +208,13 @@ class OpenAIServing:
         """The sampling fields both endpoints share (OpenAI's plus vLLM's extras)."""
         kw = dict(
             n=body.int("n", 1, lo=1, hi=MAX_N),
-            temperature=body.float("temperature", 1.0, lo=0.0),
+            temperature=body.float("temperature", 1.0, lo=0.0, hi=self.max_temperature),
             top_p=body.float("top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
             top_k=body.int("top_k", 0, lo=-1),
             min_p=body.float("min_p", 0.0, lo=0.0, hi=1.0),
             presence_penalty=body.float("presence_penalty", 0.0, lo=-2.0, hi=2.0),
             frequency_penalty=body.float("frequency_penalty", 0.0, lo=-2.0, hi=2.0),
-            repetition_penalty=body.float("repetition_penalty", 1.0, lo=0.0, lo_open=True),
+            repetition_penalty=body.float("repetition_penalty", 1.0, lo=0.01, hi=100.0),
             seed=body.int("seed", None, lo=_INT64[0], hi=_INT64[1]),
             stop=body.stop("stop"),
             stop_token_ids=body.int_list("stop_token_ids") or [],
@@ -220,6 +225,7 @@ class OpenAIServing:
             include_stop_str_in_output=body.bool("include_stop_str_in_output", False),
             logit_bias=body.logit_bias(),
             allowed_token_ids=body.int_list("allowed_token_ids"),
+            structured_outputs=structured_outputs_from_body(body),  # response_format / structured_outputs
         )
         body.str("user")  # accepted, unused
         if kw["top_k"] == 0 and body.has("top_k"):
@@ -248,8 +254,9 @@ class OpenAIServing:
         streams: list[OutputStream] = []
         try:
             for i, processed in enumerate(inputs):
+                # the queue cap admits a request whole: only its first prompt is checked against it
                 streams.append(await self.engine.add_request(
-                    f"{base_id}-{i}", processed, stream=stream, priority=priority
+                    f"{base_id}-{i}", processed, stream=stream, priority=priority, check_queue=i == 0
                 ))
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])

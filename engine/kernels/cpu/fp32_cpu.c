@@ -267,7 +267,8 @@ void f32_write_kv(const float *k, int64_t ldk, const float *v, int64_t ldv, cons
  * q [B, H, D] (row stride ldq), one query token per request, whose K/V is in the cache already;
  * caches [num_blocks, BS, KVH, D]; block_tables [B, max_blocks] int32; seq_lens [B] int32;
  * out [B, H, D] contiguous. The GQA group of H / KVH query heads of a KV head reads each of its keys
- * and values once. Softmax runs online over chunks of CH keys, in order from position 0. */
+ * and values once. Softmax runs online over chunks of CH keys, in order from the first key attended
+ * (position 0, or L - window for a sliding-window layer); scores are soft-capped when softcap > 0. */
 #define CH 32
 #define MAXG 16  /* query heads per KV head */
 #define MAXKV 16 /* KV heads one work item may take */
@@ -397,7 +398,8 @@ static inline void prefetch_chunk(const float *k_cache, const float *v_cache, co
  * few, an item is one KV head, for parallelism. Each head sees the same operations either way. */
 void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
-                                int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, float *out) {
+                                int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int64_t window,
+                                float softcap, float *out) {
     const int64_t G = H / KVH;
 #ifdef _OPENMP
     const int64_t threads = omp_get_max_threads();
@@ -409,7 +411,7 @@ void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cach
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * per_request; item++) {
         const int64_t b = item / per_request, kh0 = (item % per_request) * span;
-        const int64_t L = seq_lens[b];
+        const int64_t L = seq_lens[b], first = (window > 0 && L > window) ? L - window : 0; /* window */
         const int32_t *table = block_tables + b * max_blocks;
         float m[MAXKV * MAXG], l[MAXKV * MAXG], sc[MAXG][CH];
         for (int64_t i = 0; i < span * G; i++) {
@@ -417,7 +419,7 @@ void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cach
             l[i] = 0.f;
         }
         memset(out + (b * H + kh0 * G) * D, 0, (size_t)(span * G * D) * sizeof(float));
-        for (int64_t j0 = 0; j0 < L; j0 += CH) {
+        for (int64_t j0 = first; j0 < L; j0 += CH) {
             const int64_t n = min64(CH, L - j0);
             int64_t tok[CH]; /* cache row of each key of the chunk */
             for (int64_t j = 0; j < n; j++) {
@@ -434,6 +436,7 @@ void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cach
                 for (int64_t g = 0; g < G; g++) {
                     const int64_t hi = (kh - kh0) * G + g; /* this item's state slot */
                     attn_scores(q + b * ldq + (kh * G + g) * D, kp, n, D, scale, sc[g]);
+                    for (int64_t j = 0; softcap > 0.f && j < n; j++) sc[g][j] = softcap * tanhf(sc[g][j] / softcap);
                     const float cmax = max_of(sc[g], n);
                     const float mnew = cmax > m[hi] ? cmax : m[hi];
                     const float alpha = exp1(m[hi] - mnew); /* 0 on the first chunk (m = -inf) */
@@ -492,7 +495,7 @@ void f32_write_kv_a(const int64_t *a) {
 void f32_paged_decode_attention_a(const int64_t *a) {
     f32_paged_decode_attention(P(0, const float *), a[1], P(2, const float *), P(3, const float *),
                                P(4, const int32_t *), a[5], P(6, const int32_t *), a[7], a[8], a[9], a[10], a[11],
-                               bits_f32(a[12]), P(13, float *));
+                               bits_f32(a[12]), a[13], bits_f32(a[14]), P(15, float *));
 }
 
 /* fns[i] is called with args + offsets[i], in order. With ns (not NULL), ns[i] += the nanoseconds

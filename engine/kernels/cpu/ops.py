@@ -23,6 +23,7 @@ from engine.kernels.cpu.plan import active_plan, empty, f32_bits, f64_bits, func
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fp32_cpu.c")
+MODELS_SOURCE = Path(__file__).with_name("fp32_models.c")  # per-head RMSNorm, GeLU-and-mul
 
 _p, _i64, _f32, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 
@@ -31,7 +32,7 @@ class CpuFp32Kernels:
     """Typed entry points of one compiled build of fp32_cpu.c. Every call is also recorded into the
     active kernel plan, if any (engine/kernels/cpu/plan.py)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, models_path: Path | None = None) -> None:
         lib = ctypes.CDLL(str(path))  # shares the libgomp thread pool torch has loaded
         lib.f32_isa.restype = ctypes.c_char_p
         lib.f32_max_group.restype = _i64
@@ -41,13 +42,22 @@ class CpuFp32Kernels:
             "f32_silu_and_mul": [_p, _i64, _i64, _p],
             "f32_rotary": [_p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i64, _p],
             "f32_write_kv": [_p, _i64, _p, _i64, _p, _i64, _i64, _p, _p],
-            "f32_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _p],
+            "f32_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _i64,
+                                           _f32, _p],
         }
         self._fn: dict[str, tuple] = {}
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
             self._fn[name] = (fn, function_address(getattr(lib, name + "_a")))
+        if models_path is not None:
+            models = ctypes.CDLL(str(models_path))
+            for name, argtypes in {"f32_rms_norm_heads": [_p, _i64, _i64, _i64, _i64, _p, _f64, _p],
+                                   "f32_gelu_and_mul": [_p, _i64, _i64, _i64, _p]}.items():
+                fn = getattr(models, name)
+                fn.argtypes = argtypes
+                self._fn[name] = (fn, function_address(getattr(models, name + "_a")))
+        self.has_model_kernels = models_path is not None
         lib.f32_run_plan.argtypes = [_i64, _p, _p, _p, _p]
         self.run_plan = lib.f32_run_plan
         self.lib, self.path = lib, path
@@ -90,6 +100,20 @@ class CpuFp32Kernels:
         self._call("f32_silu_and_mul", (x.data_ptr(), m, two_i // 2, out.data_ptr()), (x, out))
         return out
 
+    def rms_norm_heads(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of every head of x [T, H, D] (heads contiguous, any token stride) -> [T, H, D]."""
+        t, h, d = x.shape
+        out = empty(t, h, d)
+        args = (x.data_ptr(), x.stride(0), t, h, d, weight.data_ptr(), eps, out.data_ptr())
+        self._call("f32_rms_norm_heads", args, (x, out), args[:6] + (f64_bits(eps), args[7]))
+        return out
+
+    def gelu_and_mul(self, x: torch.Tensor, tanh_approx: bool) -> torch.Tensor:
+        m, two_i = x.shape
+        out = empty(m, two_i // 2)
+        self._call("f32_gelu_and_mul", (x.data_ptr(), m, two_i // 2, int(tanh_approx), out.data_ptr()), (x, out))
+        return out
+
     def rotary_(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                 cos_sin_cache: torch.Tensor) -> None:
         """Rotates query [T, H, D] and key [T, KVH, D] (heads contiguous) in place; positions int64."""
@@ -107,15 +131,18 @@ class CpuFp32Kernels:
 
     def paged_decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                               out: torch.Tensor) -> None:
+                               out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
         """One query token per request over its paged context, into ``out`` [B, H, D] (contiguous).
-        block_tables [B, max_blocks] and seq_lens [B] are int32."""
+        block_tables [B, max_blocks] and seq_lens [B] are int32. ``window`` > 0: the last ``window``
+        keys only; ``softcap`` > 0: scores capped to ``softcap * tanh(s / softcap)``. Both are the
+        layer's constants, so a kernel plan records them as they are."""
         b, h, d = query.shape
         _, bs, kvh, _ = k_cache.shape
         args = (query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                block_tables.stride(0), seq_lens.data_ptr(), b, h, kvh, d, bs, scale, out.data_ptr())
+                block_tables.stride(0), seq_lens.data_ptr(), b, h, kvh, d, bs, scale, int(window), float(softcap),
+                out.data_ptr())
         self._call("f32_paged_decode_attention", args, (query, block_tables, seq_lens, out),
-                   args[:12] + (f32_bits(scale), args[13]))
+                   args[:12] + (f32_bits(scale), args[13], f32_bits(args[14]), args[15]))
 
 
 @lru_cache(maxsize=None)
@@ -125,7 +152,7 @@ def load(march: str = "native") -> CpuFp32Kernels | None:
     if os.environ.get("ENGINE_CPU_KERNELS", "1") == "0":
         return None
     try:
-        kernels = CpuFp32Kernels(build(SOURCE, march))
+        kernels = CpuFp32Kernels(build(SOURCE, march), build(MODELS_SOURCE, march))
     except (RuntimeError, OSError) as e:
         logger.warning("fp32 CPU kernels unavailable (%s); using torch ops", e)
         return None

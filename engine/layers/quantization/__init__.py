@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from engine.layers.quantization.base import LayerKind, LinearMethod, QuantizationScheme, UnquantizedLinearMethod
+from engine.layers.quantization.gguf import GGUFLinearMethod, GGUFScheme
 from engine.layers.quantization.int8 import (
     INT8_FULL_PRECISION, Int8LinearMethod, Int8Scheme, Int8WeightOnlyMethod, int8_matmul, quantize_groups,
     quantize_rows,
@@ -15,6 +16,7 @@ from engine.layers.quantization.int8 import (
 
 QUANTIZATION_SCHEMES: dict[str, type[QuantizationScheme]] = {
     Int8Scheme.name: Int8Scheme,
+    GGUFScheme.name: GGUFScheme,  # GGUF blocks kept as they are (engine/layers/quantization/gguf.py)
 }
 SUPPORTED = tuple(QUANTIZATION_SCHEMES)
 
@@ -45,7 +47,7 @@ def method_for(quantization: str | None, name: str, module: nn.Module) -> Linear
 
 __all__ = [
     "LayerKind", "LinearMethod", "QuantizationScheme", "UnquantizedLinearMethod", "Int8LinearMethod",
-    "Int8Scheme", "Int8WeightOnlyMethod", "INT8_FULL_PRECISION", "QUANTIZATION_SCHEMES", "SUPPORTED",
+    "Int8Scheme", "Int8WeightOnlyMethod", "GGUFLinearMethod", "GGUFScheme", "INT8_FULL_PRECISION", "QUANTIZATION_SCHEMES", "SUPPORTED",
     "check_quantization", "get_scheme", "method_for", "quantization_methods", "int8_matmul", "quantize_groups",
     "quantize_rows",
 ]
