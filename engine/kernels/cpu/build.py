@@ -36,7 +36,8 @@ def build(source: Path, march: str = "native", out_dir: Path | None = None) -> P
     if cc is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     flags = [*FLAGS, f"-march={march}"]
-    key = hashlib.sha256("\0".join([source.read_text(), cc, *flags, cpu_identity()]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what its #includes may read
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, cc, *flags, cpu_identity()]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     out = out_dir / f"{source.stem}-{march}-{key}.so"
     if out.exists():
