@@ -364,7 +364,7 @@ class Scheduler:
         """How many KV slots from position ``end`` on a draft model may write: the run of slots in
         blocks ``req`` holds alone (up to num_lookahead_tokens). A shared block's K/V belongs to
         every request that reads it."""
-        blocks, bs = self.kv_cache.tables[req.request_id], self.block_size
+        blocks, bs = req.kv_blocks, self.block_size
         slots, b = 0, end // bs
         while b < len(blocks) and blocks[b].ref_count == 1 and slots < self.num_lookahead_tokens:
             slots += (b + 1) * bs - max(end, b * bs)

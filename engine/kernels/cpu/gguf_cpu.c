@@ -16,6 +16,7 @@
  * M == 1 streams each block once and never writes the dequantized values; M > 1 dequantizes a tile
  * of weight rows once into a per-thread buffer that every row of x then passes over.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,11 +131,8 @@ static inline __attribute__((always_inline)) void dequant8x4(const uint8_t *b, i
     for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(parts[i]), c);
 }
 
-static inline float hsum8(__m256 v) { /* the order of fp32_cpu.c's hsum8 */
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
+#define F32_AVX2 1
+#include "fp32_simd.h" /* hsum8: f32_linear's horizontal sum, so both kernels sum in one order */
 #endif
 
 /* dequantize rows [0, rows) of a weight into out [rows, K] (row stride ldo floats) */
