@@ -33,6 +33,14 @@ class RequestStatus(enum.Enum):
         }.get(self)
 
 
+# The token a sampler returns for a row whose logits processors masked every token (bad words and
+# allowed_token_ids that together exclude all, a grammar with no legal continuation): the
+# scheduler ends that request with finish_reason "error" and this reason, instead of emitting 0.
+NO_TOKEN = -1
+NO_TOKEN_REASON = ("no token can be sampled: the request's constraints (allowed_token_ids, bad_words, "
+                   "min_tokens, logit_bias or structured output) masked every token")
+
+
 @dataclass(eq=False)  # compared by identity: requests live in lists that are searched often
 class Request:
     """One sequence being generated: its tokens, progress, KV blocks and state.

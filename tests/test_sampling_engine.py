@@ -161,3 +161,23 @@ def test_detokenize_false_and_special_token_options(llm):
                         use_tqdm=False)[0].outputs[0]
     assert keep.token_ids == [2, 2, 2] and keep.text == "<|im_end|>" * 3
     assert skip.text == ""
+
+
+def test_constraints_that_mask_every_token_mid_generation_fail_the_request(llm):
+    """A ban the input check cannot see (a two-token bad word completed by the only allowed token)
+    leaves no token at step two: the request ends with "error" instead of emitting token 0, its
+    blocks come back, and a neighbour in the same batch is untouched."""
+    tok = llm.get_tokenizer()
+    the = tok.encode(" the", add_special_tokens=False)
+    assert len(the) == 1
+    trapped = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, allowed_token_ids=the, bad_words=["the the"])
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=5, ignore_eos=True, allowed_token_ids=the,
+                             bad_words=["the the"])
+    plain = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate(["hi", "hi", "hi"], [trapped, sampled, plain], use_tqdm=False)
+    for out in outs[:2]:
+        c = out.outputs[0]
+        assert c.token_ids == the and c.finish_reason == "error", (c.token_ids, c.finish_reason)
+        assert "masked every token" in c.stop_reason
+    assert len(outs[2].outputs[0].token_ids) == 5 and outs[2].outputs[0].finish_reason == "length"
+    assert llm.llm_engine.kv_cache.num_free_blocks == llm.llm_engine.kv_cache.num_blocks

@@ -10,13 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.request import NO_TOKEN
 from engine.sample.metadata import PenaltyBatch, SamplingMetadata
 from engine.structured_output.apply import apply_grammar_bitmask, processed_logprobs
 
 
+
+
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # [N] int64
+    token_ids: torch.Tensor  # [N] int64; NO_TOKEN where the row's constraints left nothing to sample
     logprobs: torch.Tensor | None = None  # [N, 1 + k]: the sampled token's, then the top k
     logprob_token_ids: torch.Tensor | None = None  # [N, 1 + k]
     logprob_ranks: torch.Tensor | None = None  # [N] rank of the sampled token
@@ -142,9 +145,10 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         logits = apply_logits_processors(logits, meta)
         tokens = self.sample(logits, meta)
+        chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)  # -inf (or NaN) only if nothing was allowed
+        out = SamplerOutput(token_ids=tokens.masked_fill(~torch.isfinite(chosen), NO_TOKEN))
         if raw_logprobs is not None and meta.grammar_rows is not None:
             processed_logprobs(raw_logprobs, logits, meta)  # constrained rows: the distribution sampled from
-        out = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:
             out.logprobs, out.logprob_token_ids, out.logprob_ranks = gather_logprobs(
                 raw_logprobs, tokens, meta.max_num_logprobs

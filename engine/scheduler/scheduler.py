@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from engine.block_manager.kv_cache_manager import KVCacheManager
 from engine.errors import PromptTooLongError
-from engine.request import Request, RequestStatus
+from engine.request import NO_TOKEN, NO_TOKEN_REASON, Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.scheduler.policy import make_policy
 from engine.scheduler.stats import SchedulerStats  # re-exported: its home was this module
@@ -405,6 +405,10 @@ class Scheduler:
             req.metrics.last_token_time = now
             kept = []
             for tok in tokens:
+                if tok == NO_TOKEN:  # every token was masked: fail the request rather than emit token 0
+                    req.stop_reason = NO_TOKEN_REASON
+                    self._finish(req, RequestStatus.FINISHED_ERROR)
+                    break
                 req.append_output_token(tok)
                 kept.append(tok)
                 status = self._check_stop(req, tok)

@@ -11,6 +11,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata, attention_context, build_attention_metadata
 from engine.config import EngineConfig
 from engine.models.loader import load_model, weight_bytes
+from engine.request import NO_TOKEN
 from engine.sample.logprobs import compute_prompt_logprobs
 from engine.sample.metadata import SamplingMetadata
 from engine.sample.sampler import Sampler
@@ -262,6 +263,8 @@ class ModelRunner:
         ranks = out.logprob_ranks.tolist() if out.logprob_ranks is not None else None
         for j, (row, state) in enumerate(zip(sampled_rows, states)):
             sampled[row] = [tokens[j]]
+            if tokens[j] == NO_TOKEN:  # the scheduler ends this request; nothing to record
+                continue
             state.output_token_ids.append(tokens[j])
             if lp is not None and state.sampling_params.logprobs is not None:
                 k = state.sampling_params.logprobs
@@ -274,7 +277,7 @@ class ModelRunner:
         max_tokens or the longest sequence, nor (a draft model) the KV slots the scheduler gave it."""
         asks: list[DraftRequest] = []
         for i, rid in enumerate(so.req_ids):
-            if not sampled[i]:
+            if not sampled[i] or sampled[i][-1] == NO_TOKEN:
                 continue
             state = self.requests[rid]
             state.draft_probs = None

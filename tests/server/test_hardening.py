@@ -91,6 +91,25 @@ def test_non_utf8_authorization_header_is_401(server):
     healthy(server)
 
 
+@pytest.mark.parametrize("head", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",  # not a number
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # over aiohttp's 8190
+    b"GET /health HTTP/1.1\r\nHost x\r\n\r\n",  # a header line without a colon
+    b"GET /health HTTP/9\r\n\r\n",  # no such version
+])
+def test_malformed_http_is_a_json_400(server, head):
+    """aiohttp rejects these before the app sees them; the answer is still OpenAI's error shape."""
+    resp = _raw_request(server, head)
+    status_line, _, rest = resp.partition(b"\r\n")
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    assert status_line.split()[1].startswith(b"4"), resp[:300]
+    assert b"application/json" in headers.lower(), resp[:300]
+    err = assert_error(int(status_line.split()[1]), json.loads(payload), int(status_line.split()[1]))
+    assert err["code"] == "malformed_http_request"
+    healthy(server)
+
+
 @pytest.mark.parametrize("method,path,body", [
     ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1, 2]}),
     ("GET", "/v1/models", None), ("POST", CMPL, {"prompt": "hi"}), ("POST", "/nowhere", {}),

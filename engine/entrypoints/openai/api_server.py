@@ -23,6 +23,7 @@ from engine.config import EngineArgs
 from engine.core.async_engine import AsyncLLMEngine
 from engine.entrypoints.chat_utils import render_chat
 from engine.entrypoints.openai.error_body import RateLimitError, error_bytes
+from engine.entrypoints.openai.http_framing import json_errors
 from engine.entrypoints.openai.limits import Rejections, RequestLimits
 from engine.entrypoints.openai.serving_engine import ServerConfig
 from engine.entrypoints.openai.server import app_state, build_app
@@ -116,7 +117,7 @@ class ConnectionLimiter:
                                  status=503, code="too_many_connections")
             return _Rejecting(error_bytes(err)[1])
         self.open += 1
-        return _Counted(self.server(), self)
+        return _Counted(json_errors(self.server()), self)
 
 
 @dataclass
