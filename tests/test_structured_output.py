@@ -167,6 +167,7 @@ def test_prefix_caching_and_preemption_keep_greedy_output(llm):
     (dict(grammar="root ::= undefined_rule"), "undefined_rule"),
     (dict(choice=[]), "non-empty"),
     (dict(json={"type": "object"}, regex="a+"), "both 'json' and 'regex'"),
+    (dict(grammar="root ::= [^\\x00-\\U0010FFFF]"), "no token can start it"),  # parses, accepts nothing
 ])
 def test_bad_constraints_are_typed_errors(llm, bad, match):
     with pytest.raises(InvalidGrammarError, match=match) as e:

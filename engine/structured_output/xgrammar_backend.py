@@ -53,6 +53,23 @@ def _is_ebnf(text: str) -> bool:
     return "::=" in text
 
 
+_BYTE_VOCAB = [bytes([b]) for b in range(256)] + [b"</s>"]  # every byte, and a stop token (id 256)
+_byte_compiler: xgr.GrammarCompiler | None = None
+
+
+def _can_start(grammar: xgr.Grammar) -> bool:
+    """Whether some output can begin: the grammar compiled against a vocabulary of single bytes
+    (which can spell any text) allows a first byte or stopping. Milliseconds, so it is decided
+    before the request is queued; the compile for the real tokenizer checks again."""
+    global _byte_compiler
+    if _byte_compiler is None:
+        _byte_compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(_BYTE_VOCAB, stop_token_ids=[256]), max_threads=1)
+    matcher = xgr.GrammarMatcher(_byte_compiler.compile_grammar(grammar))
+    mask = xgr.allocate_token_bitmask(1, len(_BYTE_VOCAB))
+    matcher.fill_next_token_bitmask(mask)
+    return bool(mask.any())
+
+
 class XgrammarMatcher(StructuredOutputGrammar):
     def __init__(self, matcher: xgr.GrammarMatcher) -> None:
         self.matcher = matcher
@@ -125,18 +142,21 @@ class XgrammarBackend(StructuredOutputBackend):
         kind = params.kind
         try:
             if kind in ("json", "json_object"):
-                xgr.Grammar.from_json_schema(_schema_text(params), any_whitespace=not params.disable_any_whitespace)
+                grammar = xgr.Grammar.from_json_schema(_schema_text(params),
+                                                       any_whitespace=not params.disable_any_whitespace)
             elif kind == "regex":
-                xgr.Grammar.from_regex(params.regex)
+                grammar = xgr.Grammar.from_regex(params.regex)
             elif kind == "choice":
-                xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
+                grammar = xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
+            elif kind == "grammar" and _is_ebnf(params.grammar):
+                grammar = xgr.Grammar.from_ebnf(params.grammar)
             elif kind == "grammar":
-                if _is_ebnf(params.grammar):
-                    xgr.Grammar.from_ebnf(params.grammar)
-                else:
-                    xgr.Grammar.from_lark(params.grammar)
-            elif kind == "structural_tag":
-                xgr.Grammar.from_structural_tag(_tag_text(params.structural_tag))
+                grammar = xgr.Grammar.from_lark(params.grammar)
+            else:
+                grammar = xgr.Grammar.from_structural_tag(_tag_text(params.structural_tag))
+            if not _can_start(grammar):
+                raise InvalidGrammarError(f"structured_outputs {kind} accepts no output at all: no token can start it",
+                                          params.param)
         except InvalidGrammarError:
             raise
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError / its own types

@@ -108,6 +108,7 @@ def test_bad_response_format_is_a_400(server, fmt, param):
     ({"regex": "(abc"}, "structured_outputs.regex"),
     ({"grammar": "root ::= nope"}, "structured_outputs.grammar"),
     ({"choice": []}, "structured_outputs.choice"),
+    ({"grammar": "root ::= [^\\x00-\\U0010FFFF]"}, "structured_outputs.grammar"),  # no first token
     ({"json": {"type": "object"}, "regex": "a"}, "structured_outputs"),
     ({"jsonn": {}}, "structured_outputs.jsonn"),
 ])
