@@ -10,6 +10,7 @@ import torch
 
 from engine.layers.quantization import quantization_methods
 from engine.models.hf_config import load_hf_config  # also importable from here (tests, benchmarks)
+from engine.pooling.config import resolve_pooler_config
 from engine.structured_output.config import StructuredOutputsConfig
 
 
@@ -126,6 +127,8 @@ class EngineConfig:
     speculative_config: Any = None  # engine.spec_decode.config.SpeculativeConfig once built
     enforce_eager: bool = False  # no CUDA graphs (they are only ever used on CUDA)
     structured_outputs_config: Any = None  # engine.structured_output.config.StructuredOutputsConfig
+    pooler_config: Any = None  # engine.pooling.config.PoolerConfig: how pooling requests pool
+    runner: str = "generate"  # "pooling": the model serves only pooling (embedding) requests
 
 
 def default_device() -> torch.device:
@@ -176,6 +179,10 @@ class EngineArgs:
     speculative_config: dict | None = None
     enforce_eager: bool = False
     structured_outputs_config: dict | None = None  # engine/structured_output/config.py
+    runner: str = "auto"  # "auto" | "generate" | "pooling" (vLLM's names); task="embed" means pooling
+    task: str | None = None
+    pooler_config: dict | None = None  # engine/pooling/config.py, when the model has no sentence-transformers config
+    override_pooler_config: dict | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -206,6 +213,10 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.quantization is not None and self.quantization not in quantization_methods():
             raise ValueError(f"quantization must be None or {_one_of(quantization_methods())}, got {self.quantization!r}")
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}")
+        if self.task not in (None, "auto", "generate", "embed"):
+            raise ValueError(f"task must be 'generate' or 'embed' (or use runner='pooling'), got {self.task!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -278,6 +289,8 @@ class EngineArgs:
             speculative_config=speculative,
             enforce_eager=self.enforce_eager,
             structured_outputs_config=StructuredOutputsConfig.from_dict(self.structured_outputs_config),
+            pooler_config=resolve_pooler_config(path, hf_config, self.pooler_config, self.override_pooler_config),
+            runner="pooling" if self.runner == "pooling" or self.task == "embed" else "generate",
         )
 
 

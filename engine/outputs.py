@@ -50,3 +50,27 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+
+
+@dataclass
+class EmbeddingOutput:
+    """One pooled vector (after the request's ``dimensions`` truncation and normalization)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's shape for a finished pooling request: ``.outputs.embedding``, ``.prompt_token_ids``."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: str | None = None
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None  # "stop" once pooled; "abort" / "error" when it never was

@@ -75,6 +75,10 @@ class Request:
     metrics: RequestMetrics | None = None
     # structured outputs: its grammar and matcher (engine/structured_output/manager.py), or None
     structured_output_request: Any = None
+    # pooling (engine/pooling/): prefill only, ends when the prompt is computed; MEAN/CLS pooling
+    # must compute every position, so such requests do not read the prefix cache
+    pooling_params: Any = None
+    skip_reading_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -16,6 +16,7 @@ class NewRequestData:
     output_token_ids: list[int]
     sampling_params: SamplingParams
     block_ids: list[int]
+    pooling_params: Any = None  # a pooling request: the worker pools its prompt, samples nothing
 
 
 @dataclass

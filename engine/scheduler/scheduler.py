@@ -216,7 +216,7 @@ class Scheduler:
             if leader is not None and leader.status == RequestStatus.RUNNING:
                 return Admission(AdmissionKind.FORK, 1, 1, source=leader)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
-        computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+        computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 and not req.skip_reading_prefix_cache else []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
         num_new = req.num_tokens - num_computed
         if not self.config.enable_chunked_prefill and num_new > budget:
@@ -270,7 +270,7 @@ class Scheduler:
         return True
 
     def _add_to_batch(self, st: StepState, req: Request, num_new: int) -> None:
-        is_decode = num_new == 1 and req.num_computed_tokens + 1 == req.num_tokens
+        is_decode = num_new == 1 and req.num_computed_tokens + 1 == req.num_tokens and req.pooling_params is None
         (st.decodes if is_decode else st.prefills).append((req, num_new))
         st.scheduled.add(req.request_id)
         st.budget -= num_new
@@ -328,7 +328,7 @@ class Scheduler:
             out.num_scheduled_tokens.append(num_new)
             out.num_computed_tokens.append(start)
             out.token_ids.append(tokens + spec)
-            out.sample.append(start + num_new >= req.num_tokens)
+            out.sample.append(start + num_new >= req.num_tokens and req.pooling_params is None)  # pooling: none
             if self.num_lookahead_tokens:
                 out.lookahead_slots[rid] = self._lookahead_slots(req, start + num_new)
             sent = self._sent_blocks.get(rid)
@@ -336,7 +336,8 @@ class Scheduler:
                 self._reset_tables.discard(rid)
                 out.new_requests.append(
                     NewRequestData(
-                        rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params, list(req.block_ids)
+                        rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params, list(req.block_ids),
+                        req.pooling_params,
                     )
                 )
             elif rid in self._reset_tables:
@@ -398,6 +399,9 @@ class Scheduler:
             num_rejected = max(num_spec - (len(tokens) - 1), 0) if tokens else 0
             req.num_computed_tokens += out.num_scheduled_tokens[i] - num_rejected
             req.spec_token_ids = []
+            if req.pooling_params is not None and req.num_computed_tokens >= req.num_prompt_tokens:
+                self._finish(req, RequestStatus.FINISHED_STOPPED)  # pooled: the worker returned its vector
+                updated.append((req, []))
             if not tokens:
                 continue
             if req.metrics.first_token_time is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class CachedRequestState:
     # speculative decoding: the draft's distributions [len, V] for the proposals made for this
     # request's next step (None: none, or chosen deterministically)
     draft_probs: torch.Tensor | None = field(default=None, repr=False)
+    pooling_params: Any = None  # set for pooling requests (engine/pooling/pooler.py reads it)
 
     @classmethod
     def create(cls, data, device: torch.device) -> "CachedRequestState":
@@ -39,7 +41,8 @@ class CachedRequestState:
         if params.seed is not None:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
-        return cls(data.req_id, list(data.prompt_token_ids), list(data.output_token_ids), params, list(data.block_ids), gen)
+        return cls(data.req_id, list(data.prompt_token_ids), list(data.output_token_ids), params, list(data.block_ids), gen,
+                   pooling_params=data.pooling_params)
 
     def penalty_state(self, vocab_size: int, device: torch.device) -> PenaltyState:
         """Prompt mask and output counts, brought up to date with output_token_ids."""
