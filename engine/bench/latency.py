@@ -1,0 +1,62 @@
+"""``bench latency`` (vLLM's): the end-to-end time of one batch of ``--batch-size`` requests of
+``--input-len`` prompt and ``--output-len`` output tokens, over ``--num-iters`` timed passes after
+``--num-iters-warmup``; percentiles for the engine and for each peer that ran."""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+
+from engine.bench import plots
+from engine.bench.common import add_common_args, dataset_from, engine_kwargs, model_paths, offline_peers, quiet
+from engine.bench.engine_run import run_engine
+from engine.bench.peers import PeerResult
+from engine.bench.report import Report, machine_info
+
+PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, input_len=32, output_len=128, num_prompts=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-iters-warmup", type=int, default=1)
+    p.add_argument("--num-iters", type=int, default=5)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {f"p{q}": s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))] for q in PERCENTILES} if s else {}
+
+
+def run(ns: argparse.Namespace, report: Report) -> None:
+    from engine.entrypoints.llm import LLM
+
+    ns.num_prompts, ns.range_ratio = ns.batch_size, 0.0  # one batch of identical lengths
+    requests = dataset_from(ns)
+    model_dir, gguf = model_paths(ns)
+    report.machine = machine_info(quiet(ns))
+    llm = LLM(ns.model, **engine_kwargs(ns))
+    max_model_len = llm.llm_engine.config.model.max_model_len
+    try:
+        for _ in range(ns.num_iters_warmup):
+            run_engine(llm, requests, "warm-up", desc="warm-up")
+        runs = [run_engine(llm, requests, "fp32", desc=f"iteration {i + 1}/{ns.num_iters}")
+                for i in range(ns.num_iters)]
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+    iters = [r.result.seconds for r in runs]
+    engine = PeerResult("engine", f"batch {ns.batch_size}", True, "", len(requests), runs[0].result.output_tokens,
+                        statistics.fmean(iters), max(r.result.other_cores or 0.0 for r in runs), iters)
+    report.engine = {**engine.to_dict(), "avg_latency_s": engine.seconds, "percentiles_s": percentiles(iters)}
+    report.peers.append(engine)
+    for peer in offline_peers(ns, model_dir, gguf, max_model_len):
+        quiet(ns)
+        report.peers.append(peer.measure(requests, repeat=ns.num_iters))
+    report.extra["latency_s"] = {p.name: {"avg": p.seconds, **percentiles(p.iteration_s)}
+                                 for p in report.peers if p.ran}
+    ran = [p for p in report.peers if p.ran]
+    plots.peers_bar(report.path("peers"), {p.name: p.seconds for p in ran}, "seconds per batch (lower is better)",
+                    f"Latency of a batch of {ns.batch_size}: {ns.input_len} in, {ns.output_len} out")
+    plots.latency_cdf(report.path("latency_cdf"), {"batch latency": {p.name: p.iteration_s for p in ran}})
