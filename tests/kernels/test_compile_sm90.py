@@ -85,6 +85,19 @@ def _cases() -> dict[str, Case]:
                  PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=dt == "bf16"),
             dict(num_warps=num_warps),
         )
+    from engine.kernels import gguf_matmul
+    from engine.layers.quantization.gguf_blocks import BLOCK_BYTES
+
+    for type_id, name in ((2, "q4_0"), (3, "q4_1"), (8, "q8_0")):
+        for dt, m in (("bf16", 1), ("fp32", 300)):
+            block_m, block_n, block_k, num_warps = gguf_matmul.launch_config(m)
+            cases[f"gguf_matmul-{name}-{dt}-m{m}"] = (
+                "gguf_matmul", "_gguf_matmul_kernel",
+                dict(x_ptr=_p(dt), w_ptr="*u8", out_ptr=_p(dt)),
+                dict(QTYPE=type_id, BLOCK_BYTES=BLOCK_BYTES[type_id], BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_K=block_k),
+                dict(num_warps=num_warps),
+            )
     return cases
 
 

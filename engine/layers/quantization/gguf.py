@@ -4,8 +4,9 @@ The weights stay in the file's block layout (engine/layers/quantization/gguf_loa
 the layers); nothing is re-quantized. A matmul rebuilds each weight value in registers with the bits
 the gguf package's dequantization gives and sums the products in the order of the fp32 kernel, so
 a GGUF layer's output equals the fp32 path on the dequantized checkpoint bit for bit wherever the
-C kernel runs (up to 64 rows, 192 for an LM head; docs/performance.md). Past that, and without the
-C kernels or on GPU, the weight is dequantized a slab at a time for torch's GEMM (the same weight
+C kernel runs (up to 64 rows, 192 for an LM head; docs/performance.md). On GPU a Triton kernel
+does the same in registers (engine/kernels/gguf_matmul.py). Past the C kernel's rows, or without
+the C kernels, the weight is dequantized a slab at a time for torch's GEMM (the same weight
 values; the summation order is torch's, as in the fp32 path).
 
 ``LLM("model.gguf")`` infers ``quantization="gguf"`` when every tensor of the file is of a type
@@ -64,6 +65,10 @@ class GGUFLinearMethod(LinearMethod):
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
             y = kernels.linear(x2, layer.weight, layer.gguf_type, layer.gguf_k, bias)
+        elif x2.is_cuda:  # Triton: the blocks dequantized in registers (engine/kernels/gguf_matmul.py)
+            from engine.kernels.gguf_matmul import gguf_matmul
+
+            y = gguf_matmul(x2, layer.weight, layer.gguf_type, layer.gguf_k, bias)
         else:  # a slab of weight rows dequantized at a time for torch's GEMM
             parts = [F.linear(x2, dequantized_weight(layer, s, s + SLAB_ROWS).to(x2.dtype))
                      for s in range(0, n, SLAB_ROWS)]
