@@ -44,13 +44,27 @@ def attach_grammar(meta: SamplingMetadata, so: SchedulerOutput, rows: list[tuple
     meta.grammar_stop_ids = {i: sorted(states[i].sampling_params.all_stop_token_ids) for i in (meta.grammar_min_tokens_rows or ())}
 
 
+def _cpu_kernel(logits: torch.Tensor):
+    """engine/kernels/cpu/bitmask_cpu.c for fp32 CPU logits (xgrammar's CPU apply is several times
+    slower on a large vocabulary); None elsewhere."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        return None
+    from engine.kernels.cpu import bitmask_ops
+
+    return bitmask_ops.load()
+
+
 def apply_grammar_bitmask(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     """Masks (to -inf) every token the grammar does not allow next, in place."""
     import xgrammar as xgr
 
     rows = meta.grammar_rows
-    indices = None if len(rows) == logits.shape[0] else rows
-    xgr.apply_token_bitmask_inplace(logits, meta.grammar_bitmask, vocab_size=logits.shape[-1], indices=indices)
+    kernel = _cpu_kernel(logits)
+    if kernel is not None:  # bitmask row i belongs to logits row i
+        kernel.apply(logits, meta.grammar_bitmask, rows, rows)
+    else:
+        indices = None if len(rows) == logits.shape[0] else rows
+        xgr.apply_token_bitmask_inplace(logits, meta.grammar_bitmask, vocab_size=logits.shape[-1], indices=indices)
     for i in meta.grammar_min_tokens_rows or ():
         if bool(torch.isneginf(logits[i]).all()):
             # only ending is left, and min_tokens banned it: the grammar's end wins
