@@ -85,7 +85,13 @@ def measure_matmul(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best_time(fn, repeats) / 1e9
 
 
-def measure(quick: bool = False) -> Ceilings:
+def measure(quick: bool = False, wait_quiet_s: float = 60.0) -> Ceilings:
+    """The machine's ceilings, after waiting (up to ``wait_quiet_s``) for other processes to go
+    quiet: a neighbour's load would lower every ceiling and flatter every fraction of it."""
+    if wait_quiet_s > 0:
+        from engine.bench.machine import wait_for_quiet
+
+        wait_for_quiet(timeout_s=wait_quiet_s)
     read, copy = measure_bandwidth(256 if quick else 512)
     return Ceilings(
         threads=torch.get_num_threads(),

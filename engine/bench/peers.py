@@ -105,10 +105,13 @@ class TransformersPeer(Peer):
     def generate(self, requests: list[BenchRequest]) -> int:
         import torch
 
+        from tqdm import tqdm
+
         size = 1 if self.mode == "sequential" else self.batch
         tokens = 0
         with torch.inference_mode():
-            for i in range(0, len(requests), size):
+            for i in tqdm(range(0, len(requests), size), desc=self.name, unit="batch" if size > 1 else "req",
+                          dynamic_ncols=True):
                 group = requests[i:i + size]
                 enc = self.tok([r.prompt for r in group], return_tensors="pt", padding=True)
                 n = max(r.output_len for r in group)
