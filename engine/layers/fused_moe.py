@@ -4,8 +4,9 @@
 [E, H, I/tp]`` its down projection; under tensor parallelism each expert is sharded like a dense
 MLP (gate/up by rows, down by columns, one all-reduce), expert parallelism is not done. A forward
 pass groups the (token, choice) pairs by expert and runs each chosen expert once on its tokens,
-with contiguous slices of the stacked weights: a decode step at batch 1 reads only the top-k
-experts' weights (``expert_bytes_read`` counts them, for the bytes-per-step measurement)."""
+with contiguous slices of the stacked weights (on GPU, all experts in one Triton grouped matmul per
+projection: engine/kernels/moe_matmul.py): a decode step at batch 1 reads only the top-k experts'
+weights (``expert_bytes_read`` counts them, for the bytes-per-step measurement)."""
 from __future__ import annotations
 
 from typing import Any
@@ -74,15 +75,36 @@ class FusedMoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // self.top_k
         pair_weights = weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = tokens[start : start + count]
-            h = self.act(_matmul(x.index_select(0, rows), self.w13_weight[e]))
-            y = _matmul(h, self.w2_weight[e]) * pair_weights[start : start + count, None]
-            out.index_add_(0, rows, y)
-            start += count
-            self.expert_bytes_read += (self.w13_weight[e].numel() + self.w2_weight[e].numel()) * x.element_size()
+        experts = experts_grouped if x.is_cuda else experts_per_expert
+        out = experts(x, tokens, counts, pair_weights, self.w13_weight, self.w2_weight, self.act)
+        per_expert = (self.w13_weight[0].numel() + self.w2_weight[0].numel()) * x.element_size()
+        self.expert_bytes_read += per_expert * sum(1 for c in counts if c)
         return get_tp_group().all_reduce(out) if self.tp_size > 1 else out
+
+
+def experts_per_expert(x: torch.Tensor, tokens: torch.Tensor, counts: list[int], pair_weights: torch.Tensor,
+                       w13: torch.Tensor, w2: torch.Tensor, act) -> torch.Tensor:
+    """Each chosen expert once over its tokens (pairs sorted by expert), with contiguous weight slices."""
+    out = torch.zeros_like(x)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = tokens[start : start + count]
+        h = act(_matmul(x.index_select(0, rows), w13[e]))
+        y = _matmul(h, w2[e]) * pair_weights[start : start + count, None]
+        out.index_add_(0, rows, y)
+        start += count
+    return out
+
+
+def experts_grouped(x: torch.Tensor, tokens: torch.Tensor, counts: list[int], pair_weights: torch.Tensor,
+                    w13: torch.Tensor, w2: torch.Tensor, act) -> torch.Tensor:
+    """The same in two Triton launches (engine/kernels/moe_matmul.py): gate/up for every pair, the
+    activation, down for every pair; then each pair's weighted row added to its token."""
+    from engine.kernels.moe_matmul import moe_matmul
+
+    h = act(moe_matmul(x, w13, tokens, counts))
+    pairs = torch.arange(h.shape[0], device=x.device)
+    y = moe_matmul(h, w2, pairs, counts) * pair_weights[:, None]
+    return torch.zeros_like(x).index_add_(0, tokens, y)

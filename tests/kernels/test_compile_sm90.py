@@ -98,6 +98,17 @@ def _cases() -> dict[str, Case]:
                      BLOCK_K=block_k),
                 dict(num_warps=num_warps),
             )
+    from engine.kernels import moe_matmul
+
+    for dt in ("bf16", "fp32"):
+        block_m, block_n, block_k, num_warps = moe_matmul.launch_config(dt == "fp32")
+        cases[f"moe_matmul-{dt}"] = (
+            "moe_matmul", "_moe_matmul_kernel",
+            dict(x_ptr=_p(dt), w_ptr=_p(dt), out_ptr=_p(dt), row_index_ptr="*i32", tile_expert_ptr="*i32",
+                 tile_start_ptr="*i32", tile_rows_ptr="*i32"),
+            dict(PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+            dict(num_warps=num_warps),
+        )
     return cases
 
 
