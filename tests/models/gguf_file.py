@@ -1,0 +1,87 @@
+"""A GGUF file of a tiny Hugging Face model, written with the gguf package's writer, the way
+llama.cpp's converter lays one out: tensors under GGUF names (transformers' own name map, read
+backwards), the architecture's hyperparameters under its GGUF keys, and the default model's
+tokenizer copied from its GGUF. For loading tests of architectures no GGUF file exists offline for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# transformers model_type -> GGUF architecture
+GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "phi3": "phi3", "llama": "llama"}
+
+
+def _tokenizer_fields(reader) -> list[tuple[str, object, object]]:
+    """(key, value, GGUFValueType) of every tokenizer.* field of a GGUF file."""
+    import gguf
+
+    out = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                value = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
+            else:
+                value = [field.parts[i].tolist()[0] for i in field.data]
+            out.append((key, value, sub))
+        elif kind == gguf.GGUFValueType.STRING:
+            out.append((key, bytes(field.parts[field.data[0]]).decode(), kind))
+        else:
+            out.append((key, field.parts[field.data[0]].tolist()[0], kind))
+    return out
+
+
+def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: bool = False) -> Path:
+    """``hf_dir`` (a model whose vocabulary is the default model's) as a GGUF file; 2-D weights
+    stored as Q8_0 when ``quantize_q8``, everything else F32."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    config = model.config
+    arch = GGUF_ARCH[config.model_type]
+    writer = gguf.GGUFWriter(str(out_path), arch)
+    writer.add_name(f"tiny-{arch}")
+    for key, attr in GGUF_CONFIG_MAPPING[arch].items():
+        value = getattr(config, attr, None) if attr else None
+        if value is None:
+            continue
+        full = f"{arch}.{key}"
+        if isinstance(value, float):
+            writer.add_float32(full, value)
+        elif isinstance(value, int):
+            writer.add_uint32(full, value)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in rope and not hasattr(config, "rope_theta"):
+        writer.add_float32(f"{arch}.rope.freq_base", float(rope["rope_theta"]))
+    for key, value, kind in _tokenizer_fields(gguf.GGUFReader(str(tokenizer_gguf))):
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, kind)
+    hf_to_gguf = {hf: g for g, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    for hf_name, tensor in state.items():
+        data = tensor.detach().float().numpy()
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp stores Gemma's 1 + w; transformers' reader subtracts the 1
+        name = hf_to_gguf[hf_name]
+        if quantize_q8 and data.ndim == 2 and data.shape[1] % 32 == 0:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
