@@ -101,6 +101,7 @@ class SchedulerConfig:
     # speculative decoding: KV slots past a step's tokens that a draft model writes its proposals'
     # K/V into before the next step (engine/spec_decode/config.py)
     num_lookahead_slots: int = 0
+    max_loras: int | None = None  # LoRA: most distinct adapters in one step (None: LoRA off)
 
     @property
     def preempts_by_swap(self) -> bool:
@@ -127,6 +128,7 @@ class EngineConfig:
     speculative_config: Any = None  # engine.spec_decode.config.SpeculativeConfig once built
     enforce_eager: bool = False  # no CUDA graphs (they are only ever used on CUDA)
     structured_outputs_config: Any = None  # engine.structured_output.config.StructuredOutputsConfig
+    lora_config: Any = None  # engine.lora.config.LoRAConfig when enable_lora
     pooler_config: Any = None  # engine.pooling.config.PoolerConfig: how pooling requests pool
     runner: str = "generate"  # "pooling": the model serves only pooling (embedding) requests
 
@@ -179,6 +181,10 @@ class EngineArgs:
     speculative_config: dict | None = None
     enforce_eager: bool = False
     structured_outputs_config: dict | None = None  # engine/structured_output/config.py
+    enable_lora: bool = False  # LoRA adapters per request (docs/lora.md)
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     runner: str = "auto"  # "auto" | "generate" | "pooling" (vLLM's names); task="embed" means pooling
     task: str | None = None
     pooler_config: dict | None = None  # engine/pooling/config.py, when the model has no sentence-transformers config
@@ -273,6 +279,12 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             num_lookahead_slots=speculative.num_lookahead_slots if speculative is not None else 0,
         )
+        lora = None
+        if self.enable_lora:
+            from engine.lora.config import LoRAConfig
+
+            lora = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+            scheduler.max_loras = lora.max_loras
         backend = self.distributed_executor_backend
         if backend is None:
             backend = "ray" if self.tensor_parallel_size > 1 else "uni"
@@ -289,6 +301,7 @@ class EngineArgs:
             speculative_config=speculative,
             enforce_eager=self.enforce_eager,
             structured_outputs_config=StructuredOutputsConfig.from_dict(self.structured_outputs_config),
+            lora_config=lora,
             pooler_config=resolve_pooler_config(path, hf_config, self.pooler_config, self.override_pooler_config),
             runner="pooling" if self.runner == "pooling" or self.task == "embed" else "generate",
         )

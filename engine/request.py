@@ -75,6 +75,8 @@ class Request:
     metrics: RequestMetrics | None = None
     # structured outputs: its grammar and matcher (engine/structured_output/manager.py), or None
     structured_output_request: Any = None
+    # LoRA: the adapter (engine.lora.request.LoRARequest) its tokens are computed with, or None
+    lora_request: Any = None
     # pooling (engine/pooling/): prefill only, ends when the prompt is computed; MEAN/CLS pooling
     # must compute every position, so such requests do not read the prefix cache
     pooling_params: Any = None
@@ -89,6 +91,11 @@ class Request:
     def block_ids(self) -> list[int]:
         """The block table as ids (read from the manager's table, never stored twice)."""
         return [b.block_id for b in self.kv_blocks]
+
+    @property
+    def lora_int_id(self) -> int | None:
+        """The adapter's id (prefix-cache salt, slot accounting), None for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -124,19 +124,26 @@ class TransformersPeer(Peer):
 # Runs inside vLLM's own virtualenv: stdlib and vllm only.
 _VLLM_SCRIPT = r'''
 import json, sys, time
-from vllm import LLM, SamplingParams
-job = json.load(open(sys.argv[1]))
-t0 = time.perf_counter()
-llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"], seed=0)
-startup = time.perf_counter() - t0
-params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True) for n in job["output_lens"]]
-iterations = []
-for _ in range(job["repeat"]):
+
+
+def main():
+    from vllm import LLM, SamplingParams
+    job = json.load(open(sys.argv[1]))
     t0 = time.perf_counter()
-    outs = llm.generate(job["prompts"], params, use_tqdm=False)
-    iterations.append(time.perf_counter() - t0)
-json.dump({"iterations": iterations, "startup_s": startup,
-           "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}, open(sys.argv[2], "w"))
+    llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"], seed=0)
+    startup = time.perf_counter() - t0
+    params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True) for n in job["output_lens"]]
+    iterations = []
+    for _ in range(job["repeat"]):
+        t0 = time.perf_counter()
+        outs = llm.generate(job["prompts"], params, use_tqdm=False)
+        iterations.append(time.perf_counter() - t0)
+    json.dump({"iterations": iterations, "startup_s": startup,
+               "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}, open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":  # vLLM starts its engine core with multiprocessing's spawn
+    main()
 '''
 
 

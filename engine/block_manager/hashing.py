@@ -24,12 +24,23 @@ def hash_block(parent_hash: BlockHash | None, token_ids: Sequence[int], extra: H
     return h.digest()
 
 
+def root_hash(salt: Hashable = None) -> BlockHash | None:
+    """The parent hash of a sequence's first block: None (ROOT_HASH) for the base model, a hash of
+    ``salt`` otherwise (a LoRA adapter's id), so sequences with different salts never share a block.
+    Stored as the first block's ``parent_hash``, it is checked on every hit like any parent."""
+    if salt is None:
+        return None
+    return hashlib.sha256(ROOT_HASH + b"/salt/" + repr(salt).encode()).digest()
+
+
 def block_hashes(
-    token_ids: Sequence[int], block_size: int, start: list[BlockHash] | None = None, extra: Hashable = None
+    token_ids: Sequence[int], block_size: int, start: list[BlockHash] | None = None, extra: Hashable = None,
+    root: BlockHash | None = None,
 ) -> list[BlockHash]:
-    """Hashes of every full block of ``token_ids``, extending the already known ``start`` list."""
+    """Hashes of every full block of ``token_ids``, extending the already known ``start`` list;
+    the first block's parent is ``root`` (see :func:`root_hash`)."""
     hashes = list(start or [])
     for i in range(len(hashes), len(token_ids) // block_size):
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else root
         hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
     return hashes

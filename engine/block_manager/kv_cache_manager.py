@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.block_manager.block_pool import BlockPool, HostBlockPool, KVBlock
-from engine.block_manager.hashing import block_hashes, hash_block
+from engine.block_manager.hashing import block_hashes, hash_block, root_hash
 from engine.block_manager.stats import KVCacheStats
 from engine.request import Request
 
@@ -86,7 +86,7 @@ class KVCacheManager:
     # ---- prefix caching --------------------------------------------------------------------
     def _hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         request.block_hashes = block_hashes(
-            request.all_token_ids[:num_tokens], self.block_size, request.block_hashes
+            request.all_token_ids[:num_tokens], self.block_size, request.block_hashes, root=_root(request)
         )
         return request.block_hashes
 
@@ -102,7 +102,7 @@ class KVCacheManager:
         max_blocks = (request.num_tokens - 1) // bs
         hashes = self._hashes(request, max_blocks * bs)
         hits: list[KVBlock] = []
-        parent = None
+        parent = _root(request)  # an adapter's blocks chain from its own root: never shared across adapters
         for i in range(max_blocks):
             tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(hashes[i], parent, tokens)
@@ -130,7 +130,7 @@ class KVCacheManager:
         hashes = self._hashes(request, num_full * bs)
         for i in range(start, num_full):
             tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
-            self.pool.cache_block(table[i], hashes[i], hashes[i - 1] if i else None, tokens)
+            self.pool.cache_block(table[i], hashes[i], hashes[i - 1] if i else _root(request), tokens)
         self.num_cached_blocks[request.request_id] = num_full
 
     # ---- allocation ------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class KVCacheManager:
         hits: list[KVBlock] = []
         for i in range(num_full):
             tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
-            block = self.pool.lookup(hashes[i], hashes[i - 1] if i else None, tokens)
+            block = self.pool.lookup(hashes[i], hashes[i - 1] if i else _root(request), tokens)
             if block is None:
                 break
             hits.append(block)
@@ -363,3 +363,8 @@ class KVCacheManager:
             fail("host blocks are not conserved")
         if set(host_held) & set(self.host_pool._free):
             fail("a host block is both free and held")
+
+
+def _root(request: Request) -> bytes | None:
+    """The parent hash of the request's first block: salted by its LoRA adapter, if any."""
+    return root_hash(request.lora_int_id)

@@ -368,7 +368,7 @@ class AsyncLLMEngine(EngineClient):
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
-            n = sum(len(o.token_ids) for o in out.outputs)
+            n = sum(len(o.token_ids) for o in out.outputs) if isinstance(out, RequestOutput) else 0  # (pooling)
             total = t.num_tokens + n if t.want_deltas else n
             if total > t.num_tokens:
                 if t.last_token_time is None:

@@ -34,6 +34,8 @@ class ProcessedInput:
     prompt: str | None  # the text, when the caller gave one
     prompt_token_ids: list[int]
     params: SamplingParams  # the caller's params, copied, validated and filled in from the tokenizer
+    # (or PoolingParams, copied and validated, for a pooling request: engine/pooling/inputs.py)
+    lora_request: Any = None  # engine.lora.request.LoRARequest: the adapter it runs with (None: base)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class InputProcessor:
     # structured outputs: parses each constraint (a 400 / InvalidGrammarError naming the field) and
     # starts compiling it (engine/structured_output/manager.py)
     structured_output: Any = None
+    pooler_config: Any = None  # engine.pooling.config.PoolerConfig: which ``dimensions`` are allowed
+    runner: str = "generate"  # "pooling": generation requests are refused
 
     def with_tokenizer(self, tokenizer: Any) -> "InputProcessor":
         """The same checks with another tokenizer (HF fast tokenizers must not be shared across threads)."""
@@ -55,6 +59,15 @@ class InputProcessor:
     def process(self, prompt: PromptType, params: SamplingParams | None = None) -> ProcessedInput:
         """Tokenizes and checks one request; raises ValueError (InvalidInputError naming the field,
         or PromptTooLongError) for input the engine cannot take. ``params`` is not modified."""
+        from engine.pooling.params import PoolingParams
+
+        if isinstance(params, PoolingParams):
+            from engine.pooling.inputs import process_pooling
+
+            return process_pooling(self, prompt, params)
+        if self.runner == "pooling":
+            raise InvalidInputError("this model was started with runner='pooling' (task='embed'): it serves "
+                                    "embeddings only; start it without that flag to generate", "model")
         params = params.clone() if params is not None else SamplingParams()
         try:
             params.validate()

@@ -15,7 +15,10 @@ from engine.core.input_processor import InputProcessor, ProcessedInput, PromptTy
 from engine.core.output_processor import OutputProcessor, ParentState, SampleState, child_id
 from engine.core.stats import EngineStats
 from engine.executor.base import make_executor
+from engine.lora.registry import LoRARegistry
 from engine.outputs import RequestOutput
+from engine.pooling.params import PoolingParams
+from engine.pooling.requests import make_pooling_request
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
@@ -69,7 +72,8 @@ class LLMEngine:
         self.structured_output = make_structured_output_manager(config, lambda: load_tokenizer(config),
                                                                 self.eos_token_ids)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.structured_output)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, config.pooler_config)
+        self.lora_registry = LoRARegistry(config.lora_config, config.model.hf_config)  # adapters checked here
         self._ids = itertools.count()
         self.num_generation_tokens = 0
 
@@ -82,7 +86,8 @@ class LLMEngine:
     def input_processor(self) -> InputProcessor:
         """Tokenizes and checks requests (built on first use, from the finished engine)."""
         return InputProcessor(self.tokenizer, self.config.model.vocab_size, self.eos_token_ids,
-                              self.scheduler.check_prompt, structured_output=self.structured_output)
+                              self.scheduler.check_prompt, structured_output=self.structured_output,
+                              pooler_config=self.config.pooler_config, runner=self.config.runner)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         return self.input_processor.tokenize_prompt(prompt)
@@ -91,15 +96,17 @@ class LLMEngine:
         self,
         request_id: str | None,
         prompt: PromptType | ProcessedInput,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
         delta: bool = False,
+        lora_request: Any = None,
     ) -> str:
         """Validates and queues a request; raises ValueError (or a subclass) for bad input.
 
         A ProcessedInput (from ``input_processor.process``, as the server makes) is queued as it is,
-        with its own params; ``params`` must then be None.
+        with its own params; ``params`` must then be None. ``lora_request`` (engine.lora.LoRARequest,
+        or the one a ProcessedInput carries) picks the adapter; a bad one raises LoRAError.
         """
         if request_id is None:
             request_id = str(next(self._ids))
@@ -111,15 +118,21 @@ class LLMEngine:
             inputs = prompt
         else:
             inputs = self.input_processor.process(prompt, params)
+        inputs = self.lora_registry.attach(inputs, lora_request, request_id)
         arrival = arrival_time if arrival_time is not None else time.time()
-        children = self._fan_out(request_id, inputs, arrival, priority)
-        samples = [
-            SampleState(c.sample_index, IncrementalDetokenizer(self.tokenizer, inputs.prompt_token_ids,
-                                                               c.sampling_params))
-            for c in children
-        ]
-        parent = ParentState(request_id, inputs.prompt, inputs.prompt_token_ids, samples, delta=delta,
-                             num_prompt_logprobs=inputs.params.prompt_logprobs)
+        if isinstance(inputs.params, PoolingParams):  # one request, prefill only: engine/pooling/
+            children = [make_pooling_request(request_id, inputs, arrival, priority, self.config.pooler_config)]
+            parent = ParentState(request_id, inputs.prompt, inputs.prompt_token_ids, [SampleState(0, None)],
+                                 pooling_params=inputs.params)
+        else:
+            children = self._fan_out(request_id, inputs, arrival, priority)
+            samples = [
+                SampleState(c.sample_index, IncrementalDetokenizer(self.tokenizer, inputs.prompt_token_ids,
+                                                                   c.sampling_params))
+                for c in children
+            ]
+            parent = ParentState(request_id, inputs.prompt, inputs.prompt_token_ids, samples, delta=delta,
+                                 num_prompt_logprobs=inputs.params.prompt_logprobs)
         self.output_processor.add(parent, [c.request_id for c in children])
         for child in children:
             self.scheduler.add_request(child)
@@ -154,6 +167,7 @@ class LLMEngine:
                     priority=priority,
                     parent_id=request_id,
                     sample_index=i,
+                    lora_request=inputs.lora_request,
                 )
             )
         return children
@@ -190,6 +204,7 @@ class LLMEngine:
                 logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
                 for rid, (first, entries) in getattr(result, "prompt_logprobs", {}).items():
                     self.output_processor.add_prompt_logprobs(rid, first, entries)
+                self.output_processor.add_pooler_outputs(result.pooler_output)
                 updated += self.scheduler.update_from_output(so, result.sampled_token_ids, result.draft_token_ids)
         touched: dict[str, None] = {}
         for req, new in updated:

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from engine.pooling.requests import make_embedding_output
 from engine.request import Request, RequestStatus
 
 # (token ids, logprobs, rank of the first): the scored token first, then the top k
@@ -40,6 +41,8 @@ class ParentState:
     prompt_logprobs: Any = None  # list over prompt tokens (first None) once requested
     num_prompt_logprobs: int | None = None  # the request's prompt_logprobs setting
     prompt_logprobs_sent: bool = False  # delta mode hands them out once, when complete
+    pooling_params: Any = None  # a pooling request (one sample, no tokens): engine/pooling/
+    pooled: Any = None  # its pooled hidden state, once the worker returned it
 
     @property
     def finished(self) -> bool:
@@ -51,8 +54,9 @@ class ParentState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, pooler_config: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.pooler_config = pooler_config  # how pooled vectors are finished (normalize)
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, tuple[str, int]] = {}
         self._decoded: dict[int, str] = {}  # token id -> its text alone, for logprob entries
@@ -90,11 +94,21 @@ class OutputProcessor:
         for j, (ids, lps, rank) in enumerate(entries):
             parent.prompt_logprobs[first_index + j] = self._entry(ids, lps, rank, detok)
 
+    def add_pooler_outputs(self, pooled: dict) -> None:
+        """Keeps the pooled hidden state the worker returned for each finished pooling request."""
+        for rid, vec in pooled.items():
+            located = self.child_to_parent.get(rid)
+            if located is not None:
+                self.parents[located[0]].pooled = vec
+
     def process(self, req: Request, new_tokens: list[int], new_logprobs: list | None) -> str | None:
         """Records a child's new tokens; returns a matched stop string (the caller then stops it).
         Tokens after the one that completed a stop string are dropped from the output."""
         pid, idx = self.child_to_parent[req.request_id]
         parent = self.parents[pid]
+        if parent.pooling_params is not None:  # no tokens: only its finish is recorded
+            parent.metrics = parent.metrics or req.metrics
+            return None
         sample = parent.samples[idx]
         # the scheduler has already ended a request on an EOS or stop token id
         stop_terminated = req.status == RequestStatus.FINISHED_STOPPED and not isinstance(req.stop_reason, str)
@@ -122,9 +136,14 @@ class OutputProcessor:
         parent = self.parents[pid]
         parent.num_cached_tokens = max(parent.num_cached_tokens, req.num_cached_tokens)
 
-    def make_output(self, pid: str) -> RequestOutput:
+    def make_output(self, pid: str) -> RequestOutput | EmbeddingRequestOutput:
         parent = self.parents[pid]
         finished = parent.finished
+        if parent.pooling_params is not None:
+            if finished:
+                del self.parents[pid]
+                self.child_to_parent.pop(pid, None)
+            return make_embedding_output(parent, self.pooler_config)
         outs = []
         for s in parent.samples:
             done = s.finish_reason is not None

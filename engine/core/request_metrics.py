@@ -56,7 +56,7 @@ class EngineMetrics:
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
 
     def record_finished(self, out: RequestOutput, latency: float) -> None:
-        reasons = [o.finish_reason for o in out.outputs]
+        reasons = [o.finish_reason for o in out.outputs] if isinstance(out, RequestOutput) else [out.finish_reason]
         # a request counts once: aborted if any sample was, else by its first sample
         reason = "abort" if "abort" in reasons else (reasons[0] or "abort")
         self.finished[reason] = self.finished.get(reason, 0) + 1

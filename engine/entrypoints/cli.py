@@ -1,4 +1,5 @@
-"""Command line: ``python -m engine generate ...`` and ``python -m engine serve ...``."""
+"""Command line: ``python -m engine generate ...``, ``python -m engine serve ...`` and
+``python -m engine bench ...`` (engine/bench/)."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])
     g.add_argument("--quantization", default=None, choices=quantization_methods())
     g.add_argument("--device", default=None)
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters per request (docs/lora.md)")
+    g.add_argument("--max-loras", type=int, default=1, help="adapters resident at once (slots; adapters per step)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    g.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept as host copies (default: --max-loras)")
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs (they are GPU-only anyway)")
     g.add_argument(
         "--speculative-config", type=_json_dict, default=None,
@@ -46,6 +51,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--structured-outputs-config", type=_json_dict, default=None,
         help='structured outputs as JSON, e.g. \'{"backend": "xgrammar", "compile_timeout_s": 10}\' (docs/structured_outputs.md)',
     )
+    # pooling (docs/embeddings.md): any model can also embed; --runner pooling serves embeddings only
+    g.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"])
+    g.add_argument("--task", default=None, choices=["auto", "generate", "embed"], help="embed: same as --runner pooling")
+    g.add_argument("--pooler-config", type=_json_dict, default=None,
+                   help='pooling when the model has no sentence-transformers config, e.g. \'{"pooling_type": "MEAN", '
+                   '"normalize": true}\'')
+    g.add_argument("--override-pooler-config", type=_json_dict, default=None,
+                   help="JSON fields that replace those of the model's pooler config")
 
 
 def _json_dict(text: str) -> dict:
@@ -131,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(ns, engine_args_from(ns))
 
     serve.set_defaults(func=run_serve)
+
+    from engine.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, add_engine_args)
 
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

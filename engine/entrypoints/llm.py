@@ -9,7 +9,10 @@ from tqdm.auto import tqdm
 from engine.config import EngineArgs
 from engine.core.llm_engine import LLMEngine, PromptType
 from engine.core.stats import EngineStats
-from engine.outputs import RequestOutput
+from engine.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams
+from engine.outputs import EmbeddingRequestOutput, RequestOutput
+from engine.lora.request import LoRARequest
+from engine.pooling.params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,8 +42,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generates for every prompt; returns one RequestOutput per prompt, in input order."""
+        """Generates for every prompt; returns one RequestOutput per prompt, in input order.
+        ``lora_request``: one adapter for every prompt, or one (or None) per prompt (enable_lora)."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -48,7 +53,7 @@ class LLM:
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        if isinstance(sampling_params, (SamplingParams, PoolingParams)):
             params_list = [sampling_params] * len(prompts)
         else:
             params_list = list(sampling_params)
@@ -58,12 +63,16 @@ class LLM:
                 )
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        loras = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts; give one or one per prompt")
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 rid = f"offline-{self._counter}"
                 self._counter += 1
-                self.llm_engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
+                self.llm_engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0,
+                                            lora_request=loras[i])
                 ids.append(rid)
         except Exception:
             self.llm_engine.abort_request(ids)  # nothing half-submitted stays queued
@@ -91,6 +100,34 @@ class LLM:
             bar.close()
         return [finished[i] for i in ids]
 
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in input order (``out.outputs.embedding``): the prompts run
+        through the same scheduler as generation, prefill only (engine/pooling/)."""
+        prompts = self._prompt_list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt to embed")
+        params = pooling_params if pooling_params is not None else PoolingParams()
+        return self.generate(prompts, params, use_tqdm=use_tqdm)  # type: ignore[arg-type]
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search over the engine (engine/entrypoints/beam_search.py): one BeamSearchOutput per
+        prompt, its ``sequences`` best first."""
+        from engine.entrypoints.beam_search import run_beam_search
+
+        return run_beam_search(self, self._prompt_list(prompts), params)
+
+    @staticmethod
+    def _prompt_list(prompts: Any) -> list:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
@@ -100,18 +137,20 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
         """Renders each conversation (one, or a list of them) with the model's chat template, or
-        ``chat_template`` (a Jinja string or file), and generates a reply to each."""
-        from engine.entrypoints.chat_utils import render_chat_prompt
+        ``chat_template`` (a Jinja string or file), and generates a reply to each. ``tools``
+        (OpenAI function tools) are rendered by the template; one that ignores them is a ValueError."""
+        from engine.entrypoints.openai.tools import render_offline
 
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
-            text, ids = render_chat_prompt(
-                self.get_tokenizer(), conv, chat_template, add_generation_prompt,
+            text, ids = render_offline(
+                self.get_tokenizer(), conv, chat_template, add_generation_prompt, tools,
                 continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
             )
             prompts.append({"prompt": text, "prompt_token_ids": ids})

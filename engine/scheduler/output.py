@@ -17,6 +17,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     pooling_params: Any = None  # a pooling request: the worker pools its prompt, samples nothing
+    lora_request: Any = None  # engine.lora.request.LoRARequest, or None for the base model
 
 
 @dataclass

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from engine.block_manager.kv_cache_manager import KVCacheManager
+from engine.lora.admission import AdapterSlots
 from engine.errors import PromptTooLongError
 from engine.request import NO_TOKEN, NO_TOKEN_REASON, Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -57,6 +58,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._group_leader: dict[str, str] = {}  # n > 1: parent id -> the sample that prefills
         self.num_lookahead_tokens = config.num_lookahead_slots  # slots a draft model writes past a step
+        self.adapter_slots = AdapterSlots(config.max_loras)  # LoRA: distinct adapters per step <= slots
 
     # ---- admission -------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int) -> None:
@@ -129,7 +131,8 @@ class Scheduler:
             elif admitting and not self._waits_for_sibling(req):
                 # no admissions into a cache that just overflowed (no thrashing), and in policy
                 # order nothing jumps past a blocked request; running ones behind it still run
-                admitting = not st.growth_preempted and self._has_seq_slot(req, st)
+                admitting = (not st.growth_preempted and self.adapter_slots.admits(req, self.running, st.admitted)
+                             and self._has_seq_slot(req, st))
                 admitting = admitting and self._schedule_waiting(req, st)
         for req in st.admitted:
             self.waiting.remove(req)
@@ -216,7 +219,8 @@ class Scheduler:
             if leader is not None and leader.status == RequestStatus.RUNNING:
                 return Admission(AdmissionKind.FORK, 1, 1, source=leader)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
-        computed = kv.get_computed_blocks(req) if req.num_computed_tokens == 0 and not req.skip_reading_prefix_cache else []
+        reads_cache = req.num_computed_tokens == 0 and not req.skip_reading_prefix_cache
+        computed = kv.get_computed_blocks(req) if reads_cache else []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
         num_new = req.num_tokens - num_computed
         if not self.config.enable_chunked_prefill and num_new > budget:
@@ -337,7 +341,7 @@ class Scheduler:
                 out.new_requests.append(
                     NewRequestData(
                         rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params, list(req.block_ids),
-                        req.pooling_params,
+                        req.pooling_params, lora_request=req.lora_request,
                     )
                 )
             elif rid in self._reset_tables:

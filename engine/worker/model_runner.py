@@ -10,7 +10,10 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata, attention_context, build_attention_metadata
 from engine.config import EngineConfig
+from engine.lora.layers import LoRAContext, lora_context
+from engine.lora.manager import LoRAModelManager, make_lora_manager
 from engine.models.loader import load_model, weight_bytes
+from engine.pooling.pooler import Pooler, make_pooler, pooling_rows
 from engine.request import NO_TOKEN
 from engine.sample.logprobs import compute_prompt_logprobs
 from engine.sample.metadata import SamplingMetadata
@@ -34,6 +37,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
     # speculative decoding: req id -> proposals for its next step
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # pooling: req id -> pooled hidden state (fp32, host) of each pooling request whose prompt finished
+    pooler_output: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -51,13 +56,16 @@ class ModelRunner:
         self.graph_runner: StepGraphRunner | None = None  # decode-step replay, unless enforce_eager
         spec = config.speculative_config
         self.proposer: Proposer | None = make_proposer(spec, config, device) if spec is not None else None
+        self.lora: LoRAModelManager | None = None  # LoRA slots and host LRU (enable_lora), made with the model
         self.max_model_len = self.model_config.max_model_len  # capped by the cache in init_kv_cache
+        self.pooler: Pooler = make_pooler(config.pooler_config)  # for pooling requests (embeddings)
 
     # ---- set-up ----------------------------------------------------------------------------
     def load_model(self, show_progress: bool = True) -> None:
         mc = self.model_config
         self.model = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization,
                                 gguf_file=getattr(mc, "gguf_file", None))
+        self.lora = make_lora_manager(self.config, self.model, self.device)
         from engine.attention.backends.selector import get_attention_backend
 
         self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
@@ -185,6 +193,11 @@ class ModelRunner:
         for rid in so.preempted_req_ids:
             if rid in self.requests:
                 self.requests[rid].draft_probs = None
+        self.pooler.forget(so.finished_req_ids)
+        if self.lora is not None:
+            self.lora.forget(so.finished_req_ids)
+            for data in so.new_requests:
+                self.lora.add_request(data.req_id, data.lora_request)
         if self.proposer is not None:
             self.proposer.forget(so.finished_req_ids)
             self.proposer.reset(so.preempted_req_ids)
@@ -206,13 +219,13 @@ class ModelRunner:
         return ids.to(self.device), positions, meta, logits_indices.to(self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 so: SchedulerOutput) -> torch.Tensor:
+                 so: SchedulerOutput, lora_ctx: LoRAContext | None = None) -> torch.Tensor:
         """Hidden states of every scheduled token: a replayed graph for pure-decode steps, else eager."""
         gr = self.graph_runner
         if (gr is not None and meta.num_decodes == meta.num_requests and not so.spec_token_ids
-                and gr.bucket(meta.num_requests) is not None):
+                and lora_ctx is None and gr.bucket(meta.num_requests) is not None):  # (plans hold no LoRA delta)
             return gr.run(input_ids, positions, meta)
-        with attention_context(meta):
+        with attention_context(meta), lora_context(lora_ctx):
             return self.model(input_ids, positions)
 
     @torch.inference_mode()
@@ -222,16 +235,19 @@ class ModelRunner:
         if so.is_empty:
             return ModelRunnerOutput([], [])
         input_ids, positions, meta, logits_indices = self._prepare(so)
-        hidden = self._forward(input_ids, positions, meta, so)
+        lora_ctx = self.lora.prepare(so.req_ids, meta.query_start_loc_host) if self.lora is not None else None
+        hidden = self._forward(input_ids, positions, meta, so, lora_ctx)
         prompt_lps = {}
         if any(self.requests[r].sampling_params.prompt_logprobs is not None for r in so.req_ids):
             prompt_lps = compute_prompt_logprobs(
                 self.model.compute_logits, hidden, so.req_ids, so.num_scheduled_tokens,
                 so.num_computed_tokens, meta.query_start_loc_host, self.requests,
             )
+        rows = pooling_rows(so.req_ids, so.num_computed_tokens, meta.query_start_loc_host, self.requests)
+        pooled = self.pooler.pool(hidden, rows) if rows else {}
         sampled, logprobs = self._sample(hidden, so, meta, logits_indices)
         drafts = self._propose(so, sampled) if self.proposer is not None else {}
-        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps, drafts)
+        return ModelRunnerOutput(list(so.req_ids), sampled, logprobs, prompt_lps, drafts, pooled)
 
     def _sample(self, hidden: torch.Tensor, so: SchedulerOutput, meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> tuple[list[list[int]], list]:

@@ -26,6 +26,7 @@ from engine.entrypoints.openai.error_body import RateLimitError, error_bytes
 from engine.entrypoints.openai.http_framing import json_errors
 from engine.entrypoints.openai.limits import Rejections, RequestLimits
 from engine.entrypoints.openai.serving_engine import ServerConfig
+from engine.entrypoints.openai.tools import ToolOptions
 from engine.entrypoints.openai.server import app_state, build_app
 from engine.entrypoints.openai.tokenizer_pool import shared_pool
 from engine.models.default_model import DEFAULT_MODEL_NAME
@@ -214,8 +215,32 @@ def _warm_up(state: Any, config: ServerConfig) -> None:
         logger.debug("chat template warm-up failed", exc_info=True)
 
 
+def tool_options_from(ns: argparse.Namespace) -> ToolOptions:
+    try:
+        return ToolOptions(ns.enable_auto_tool_choice, ns.tool_call_parser, ns.reasoning_parser,
+                           max_stored_responses=ns.max_stored_responses)
+    except ValueError as e:  # a flag mistake: say so before the model loads
+        raise SystemExit(f"error: {e}") from None
+
+
+def _lora_modules(ns: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLMEngine, base_name: str) -> Any:
+    """The served adapters (--lora-modules, checked now: a bad one stops start-up), or None without --enable-lora."""
+    from engine.entrypoints.openai.serving_lora import LoRAModules, parse_lora_module
+
+    given = ns.lora_modules or []
+    if not engine_args.enable_lora:
+        if given:
+            raise ValueError("--lora-modules needs --enable-lora")
+        return None
+    mods = LoRAModules.for_engine(engine, base_name, ns.allow_runtime_lora_updating)
+    for text in given:
+        mods.add(parse_lora_module(text))
+    return mods
+
+
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     """Loads the engine, then serves until SIGTERM / SIGINT (``python -m engine serve``)."""
+    tool_options = tool_options_from(ns)
     engine = AsyncLLMEngine.from_engine_args(
         engine_args, log_stats=not ns.disable_log_stats, log_stats_interval=ns.log_stats_interval,
         max_num_queued_requests=ns.max_num_queued_requests,
@@ -228,13 +253,15 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         chat_template=_chat_template(ns.chat_template),
         chat_options={"content_format": ns.chat_template_content_format,
                       "split_special_tokens": ns.chat_split_special_tokens},
+        tool_options=tool_options,
     )
+    config.lora_modules = _lora_modules(ns, engine_args, engine, names[0])
     info = engine.model_config
     app = build_app(
         engine, config, engine.get_tokenizer(), api_key=ns.api_key, max_body=ns.max_request_body_bytes,
         model_root=served_root(engine_args, names), limits=limits_from(ns, info.vocab_size, info.max_model_len),
         api_key_all_routes=ns.api_key_all_routes, body_read_timeout=ns.request_read_timeout,
-        shutdown_timeout=ns.shutdown_timeout,
+        shutdown_timeout=ns.shutdown_timeout, frontend=not ns.disable_frontend,
     )
     _warm_up(app_state(app), config)
     opts = ServeOptions(

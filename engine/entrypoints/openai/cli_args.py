@@ -25,10 +25,16 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     add("--api-key-all-routes", action="store_true",
         help="with --api-key: protect /health, /metrics and /version too")
     add("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    add("--lora-modules", nargs="+", default=None,
+        help='LoRA adapters served by name (needs --enable-lora): name=path or \'{"name": .., "path": .., '
+             '"base_model_name": ..}\'; a request picks one with its "model" field')
+    add("--allow-runtime-lora-updating", action="store_true",
+        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     add("--response-role", default="assistant", help="role of generated chat messages")
     add("--max-logprobs", type=int, default=20, help="most top logprobs a request may ask for")
     add("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
         help="larger request bodies are refused with 413")
+    add("--disable-frontend", action="store_true", help="do not serve the chat page at GET /")
     add("--disable-log-stats", action="store_true", help="do not log engine throughput periodically")
     add("--log-stats-interval", type=float, default=5.0, help="seconds between throughput log lines")
     add("--disable-log-requests", action="store_true", help="do not write an access-log line per request")
@@ -60,3 +66,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     add("--chat-split-special-tokens", action="store_true",
         help="tokenize user and tool content with special tokens split, so that control tokens come "
              "only from the chat template")
+    # tool calling and reasoning (vLLM's flags)
+    add("--enable-auto-tool-choice", action="store_true",
+        help="parse tool calls the model writes on its own (tool_choice \"auto\"); needs --tool-call-parser")
+    add("--tool-call-parser", default=None,
+        help="how tool calls look in the model's output: hermes, llama3_json, mistral, pythonic")
+    add("--reasoning-parser", default=None,
+        help="split <think>...</think> into reasoning_content: deepseek_r1, qwen3")
+    add("--max-stored-responses", type=int, default=1024,
+        help="/v1/responses with store: how many responses previous_response_id can continue (oldest evicted)")

@@ -15,15 +15,20 @@ from aiohttp import web
 from engine import __version__ as ENGINE_VERSION
 from engine.config import EngineArgs
 from engine.core.engine_client import EngineClient, QueueFullError
+from engine.entrypoints.anthropic.errors import anthropic_error_response
+from engine.entrypoints.anthropic.serving import AnthropicServingMessages
 from engine.entrypoints.chat_utils import render_chat
 from engine.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES
 from engine.entrypoints.openai.error_body import RateLimitError
+from engine.entrypoints.openai.frontend import FRONTEND_ROUTES, add_frontend_routes
 from engine.entrypoints.openai.limits import LimitError, Rejections, RequestLimits
 from engine.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render_metrics
 from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int
 from engine.entrypoints.openai.request_body import parse_json_body
 from engine.entrypoints.openai.serving_chat import OpenAIServingChat, parse_messages
 from engine.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from engine.entrypoints.openai.serving_responses import OpenAIServingResponses
+from engine.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from engine.entrypoints.openai.serving_engine import ServerConfig, error_response, json_response
 from engine.entrypoints.openai.tokenizer_pool import PerThreadTokenizer
 
@@ -75,15 +80,23 @@ class _State:
     api_key_all_routes: bool = False
     body_read_timeout: float = 30.0
     rejections: Rejections = field(default_factory=Rejections)
+    public_routes: frozenset[str] = PUBLIC_ROUTES  # answered without the API key (unless all routes)
     draining: bool = False  # shutting down: new requests get 503
     active: int = 0  # requests being handled now
     completion: OpenAIServingCompletion = field(init=False)
     chat: OpenAIServingChat = field(init=False)
+    embedding: OpenAIServingEmbedding = field(init=False)
+    messages: AnthropicServingMessages = field(init=False)  # POST /v1/messages
+    responses: OpenAIServingResponses = field(init=False)  # POST /v1/responses
     created: int = field(default_factory=now_int)
 
     def __post_init__(self) -> None:
         self.completion = OpenAIServingCompletion(self.engine, self.config, self.tokenizer)
         self.chat = OpenAIServingChat(self.engine, self.config, self.tokenizer)
+        self.embedding = OpenAIServingEmbedding(self.engine, self.config, self.tokenizer)
+        self.messages = AnthropicServingMessages(self.engine, self.config, self.tokenizer)
+        self.responses = OpenAIServingResponses(self.engine, self.config, self.tokenizer,
+                                                store_capacity=self.config.tool_options.max_stored_responses)
 
 
 def _state(request: web.Request) -> _State:
@@ -141,15 +154,16 @@ async def admission_middleware(request: web.Request, handler: Handler) -> web.St
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     st = _state(request)
     key = st.api_key
-    if key is not None and (st.api_key_all_routes or request.path not in PUBLIC_ROUTES):
+    if key is not None and (st.api_key_all_routes or request.path not in st.public_routes):
         try:  # header text holds undecodable bytes as surrogate escapes: compare the raw bytes
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            # Anthropic's clients send the key as x-api-key
+            given_x = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
-            given = b""
-        if not hmac.compare_digest(given, b"Bearer " + key):
-            return error_response(
-                OpenAIError("Incorrect API key provided.", status=401, code="invalid_api_key")
-            )
+            given = given_x = b""
+        if not (hmac.compare_digest(given, b"Bearer " + key) or hmac.compare_digest(given_x, key)):
+            err = OpenAIError("Incorrect API key provided.", status=401, code="invalid_api_key")
+            return anthropic_error_response(err) if request.path in ANTHROPIC_ROUTES else error_response(err)
     return await handler(request)
 
 
@@ -179,6 +193,8 @@ async def models(request: web.Request) -> web.Response:
          "root": st.model_root, "parent": None, "max_model_len": st.completion.max_model_len}
         for name in st.config.served_model_names
     ]
+    if st.config.lora_modules is not None:  # adapters: parent = the base model
+        data += st.config.lora_modules.model_cards(st.created, st.completion.max_model_len)
     return json_response({"object": "list", "data": data})
 
 
@@ -189,11 +205,37 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await st.completion.create_completion(request, data)
 
 
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    st = _state(request)  # errors in Anthropic's shape, the body read included
+    return await st.messages.handle(request, read_json, st.limits.check_body)
+
+
+ANTHROPIC_ROUTES = frozenset({"/v1/messages"})
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    st = _state(request)
+    data = await read_json(request)
+    st.limits.check_body(data)
+    return await st.responses.create_response(request, data)
+
+
+async def get_response(request: web.Request) -> web.Response:
+    return _state(request).responses.retrieve(request.match_info["response_id"])
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     data = await read_json(request)
     st.limits.check_body(data)
     return await st.chat.create_chat_completion(request, data)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    st = _state(request)
+    data = await read_json(request)
+    st.limits.check_body(data, prompts_field="input")
+    return await st.embedding.create_embedding(request, data)
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -274,6 +316,7 @@ def build_app(
     api_key_all_routes: bool = False,
     body_read_timeout: float = 30.0,
     shutdown_timeout: float = 10.0,
+    frontend: bool = True,
 ) -> web.Application:
     """The routes. ``model_root`` is what /v1/models reports as ``root`` (never a path the user
     did not give). ``tokenizer`` is used from several threads: a PerThreadTokenizer unless it is."""
@@ -291,8 +334,19 @@ def build_app(
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/messages", anthropic_messages)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    if config.lora_modules is not None:
+        from engine.entrypoints.openai.serving_lora import add_lora_routes
+
+        add_lora_routes(app, config.lora_modules, read_json)
+    if frontend:
+        add_frontend_routes(app)
+        app[STATE_KEY].public_routes = PUBLIC_ROUTES | FRONTEND_ROUTES
 
     async def start_engine(app: web.Application) -> None:
         engine.start()

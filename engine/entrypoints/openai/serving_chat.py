@@ -9,9 +9,13 @@ from typing import Any
 from aiohttp import web
 
 from engine.entrypoints.chat_utils import render_chat
+from engine.entrypoints.openai.chat_output import ChatOutputParsing, ChoiceParser
+from engine.entrypoints.openai.reasoning.constraint import constraint_after_reasoning
+from engine.entrypoints.openai.tools import forced_constraint, message_tool_fields, parse_tools, render_with_tools
 from engine.errors import EngineDeadError
 from engine.outputs import Logprob, RequestOutput
 from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, random_id
+from engine.entrypoints.openai.serving_beam_search import beam_search_params, run_beam_search
 from engine.entrypoints.openai.serving_engine import (
     MIN_LOGPROB, SSE_DONE, OpenAIServing, clamp_logprob, engine_dead_error, error_response, json_response, sse,
     write_quietly,
@@ -19,7 +23,7 @@ from engine.entrypoints.openai.serving_engine import (
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 @dataclass
@@ -30,6 +34,7 @@ class _Ctx:
     n: int
     top_logprobs: int | None  # None: no logprobs
     prompt_tokens: int
+    parsing: ChatOutputParsing | None = None  # reasoning / tool-call parsing of the output
 
 
 def _content_text(content: Any, param: str) -> str:
@@ -55,6 +60,7 @@ def parse_messages(body: Body) -> list[dict]:
     if not raw:
         raise OpenAIError("'messages' must contain at least one message", param="messages")
     out = []
+    call_ids: set[str] = set()  # tool calls of earlier assistant messages, for tool_call_id
     for i, m in enumerate(raw):
         p = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -68,24 +74,18 @@ def parse_messages(body: Body) -> list[dict]:
                 raise OpenAIError(f"'{p}.content' is a required property", param=f"{p}.content")
             content = ""
         out.append({"role": role, "content": _content_text(content, f"{p}.content")})
+        message_tool_fields(m, p, out[-1], call_ids)
     return out
 
 
 class OpenAIServingChat(OpenAIServing):
     max_temperature = 2.0  # OpenAI's range for chat
 
-    def _check_unsupported(self, body: Body) -> None:
-        tools = body.raw("tools")
-        if tools and body.raw("tool_choice", "auto") != "none":
-            raise OpenAIError("tool calling is not supported by this server", param="tools")
-        if body.has("functions"):
-            raise OpenAIError("'functions' is not supported by this server", param="functions")
-
     async def create_chat_completion(self, request: web.Request, data: Any) -> web.StreamResponse:
         body = Body(data)
         model = self.check_model(body)
         messages = parse_messages(body)
-        self._check_unsupported(body)
+        tool_req = parse_tools(body.data, self.config.tool_options)
         stream = body.bool("stream", False)
         include_usage, continuous_usage = body.stream_options(stream)
         logprobs = body.bool("logprobs", False)
@@ -96,22 +96,37 @@ class OpenAIServingChat(OpenAIServing):
         if max_tokens is None:
             max_tokens = body.int("max_tokens", None, lo=1)
         kw = self.sampling_kwargs(body)
+        kw["structured_outputs"] = constraint_after_reasoning(
+            self.config.tool_options.reasoning_parser, forced_constraint(tool_req, kw["structured_outputs"]))
         add_generation_prompt = body.bool("add_generation_prompt", True)
         priority = body.int("priority", 0)
+
+        def render(tools: list[dict] | None) -> list[int]:
+            extra = {"chat_template_kwargs": {"tools": tools}} if tools else {}
+            return render_chat(self.tokenizer, messages, self.config.chat_template, add_generation_prompt,
+                               **self.config.chat_options, **extra)
+
         try:
             ids = await self.in_tokenizer_thread(
-                lambda: render_chat(self.tokenizer, messages, self.config.chat_template, add_generation_prompt,
-                                    **self.config.chat_options),
-                size=sum(len(m["content"]) for m in messages),
+                lambda: render_with_tools(render, tool_req), size=sum(len(m["content"]) for m in messages),
             )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None
         max_tokens = self.check_length(len(ids), max_tokens, "messages")
+        if body.bool("use_beam_search", False):  # vLLM's extra field: n is the beam width
+            bp = beam_search_params(body, self.make_params(max_tokens=max_tokens, logprobs=(top_logprobs or 0)
+                                                           if logprobs else None, **{**kw, "n": 1}), kw["n"], stream)
+            rid = random_id("chatcmpl")
+            outs = await run_beam_search(self, [ids], bp, rid)
+            return json_response(self._full_response(outs[0], _Ctx(rid, now_int(), model, bp.beam_width, None,
+                                                                   len(ids))))
         params = self.make_params(max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None, **kw)
         request_id = random_id("chatcmpl")
         inputs = await self.process_inputs([{"prompt_token_ids": ids}], params, "messages")
-        streams = await self.add_all(request_id, inputs, stream, priority)
-        ctx = _Ctx(request_id, now_int(), model, params.n, (top_logprobs or 0) if logprobs else None, len(ids))
+        streams = await self.add_all(request_id, inputs, stream, priority, lora_request=self.lora_request_for(model))
+        parsing = ChatOutputParsing(self.config.tool_options, tool_req, self.tokenizer)
+        ctx = _Ctx(request_id, now_int(), model, params.n, (top_logprobs or 0) if logprobs else None, len(ids),
+                   parsing if parsing.active else None)
         try:
             if stream:
                 return await self._stream(request, streams, ctx, include_usage, continuous_usage)
@@ -151,11 +166,12 @@ class OpenAIServingChat(OpenAIServing):
     def _full_response(self, out: RequestOutput, ctx: _Ctx) -> dict:
         choices = []
         for o in out.outputs:
+            cp = ctx.parsing.choice_parser() if ctx.parsing is not None else None
             choices.append({
                 "index": o.index,
-                "message": {"role": self.config.response_role, "content": o.text},
+                "message": {"role": self.config.response_role, **(cp.message(o.text) if cp else {"content": o.text})},
                 "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs),
-                "finish_reason": o.finish_reason,
+                "finish_reason": cp.finish_reason(o.finish_reason) if cp else o.finish_reason,
             })
         completion_tokens = sum(len(o.token_ids) for o in out.outputs)
         return {
@@ -168,11 +184,23 @@ class OpenAIServingChat(OpenAIServing):
                       "total_tokens": ctx.prompt_tokens + completion_tokens},
         }
 
+    @staticmethod
+    def _deltas(parsers: dict[int, ChoiceParser], ctx: _Ctx, index: int, text: str,
+                finish: str | None) -> tuple[list[dict], str | None]:
+        """The deltas one output of a choice becomes (at least one), and its finish reason."""
+        if ctx.parsing is None:
+            return [{"content": text} if text or not finish else {}], finish
+        cp = parsers.get(index)
+        if cp is None:
+            cp = parsers[index] = ctx.parsing.choice_parser()
+        return cp.step(text, finish is not None) or [{}], cp.finish_reason(finish)
+
     async def _stream(self, request: web.Request, streams: list, ctx: _Ctx, include_usage: bool,
                       continuous_usage: bool) -> web.StreamResponse:
         resp = await self.start_sse(request)
         completion_tokens = 0
         finished: set[int] = set()
+        parsers: dict[int, ChoiceParser] = {}
 
         def usage() -> dict:
             return {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": completion_tokens,
@@ -189,7 +217,8 @@ class OpenAIServingChat(OpenAIServing):
             # the first delta of every choice carries the role, and nothing else (one choice per chunk)
             for i in range(ctx.n):
                 await resp.write(chunk([
-                    {"index": i, "delta": {"role": self.config.response_role, "content": ""}, "logprobs": None,
+                    {"index": i, "delta": {"role": self.config.response_role,
+                                     "content": ctx.parsing.first_content if ctx.parsing else ""}, "logprobs": None,
                      "finish_reason": None}
                 ], usage() if continuous_usage else None))
             async with aclosing(self.merged(streams)) as outputs:
@@ -203,13 +232,14 @@ class OpenAIServingChat(OpenAIServing):
                             continue
                         if finish is not None:
                             finished.add(o.index)
-                        delta = {"content": o.text} if o.text or not finish else {}
-                        await resp.write(chunk([{
-                            "index": o.index,
-                            "delta": delta,
-                            "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs),
-                            "finish_reason": finish,
-                        }], usage() if continuous_usage else None))
+                        deltas, finish = self._deltas(parsers, ctx, o.index, o.text, finish)
+                        for k, delta in enumerate(deltas):  # the first carries the logprobs, the last the finish
+                            await resp.write(chunk([{
+                                "index": o.index,
+                                "delta": delta,
+                                "logprobs": self._logprobs(o.token_ids, o.logprobs, ctx.top_logprobs) if k == 0 else None,
+                                "finish_reason": finish if k == len(deltas) - 1 else None,
+                            }], usage() if continuous_usage else None))
             if include_usage:
                 await resp.write(chunk([], usage()))
             await resp.write(SSE_DONE)

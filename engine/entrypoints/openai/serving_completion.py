@@ -12,6 +12,7 @@ from engine.core.input_processor import PromptType
 from engine.errors import EngineDeadError
 from engine.outputs import Logprob, RequestOutput
 from engine.entrypoints.openai.protocol import Body, OpenAIError, now_int, random_id
+from engine.entrypoints.openai.serving_beam_search import beam_search_params, run_beam_search
 from engine.entrypoints.openai.serving_engine import (
     SSE_DONE, OpenAIServing, write_quietly, clamp_logprob, engine_dead_error, error_response, json_response, sse,
 )
@@ -91,6 +92,13 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = await self.parse_prompts(body)  # last: tokenizing is the costly check
         for p in prompts:
             self.check_length(len(p.ids), max_tokens, "prompt")
+        if body.bool("use_beam_search", False):  # vLLM's extra field: n is the beam width
+            bp = beam_search_params(body, self.make_params(max_tokens=max_tokens, logprobs=num_logprobs,
+                                                           **{**kw, "n": 1}), kw["n"], stream)
+            rid = random_id("cmpl")
+            outs = await run_beam_search(self, [p.ids for p in prompts], bp, rid)
+            return json_response(self._full_response(outs, _Ctx(rid, now_int(), model, bp.beam_width, echo, None,
+                                                                prompts)))
         params = self.make_params(
             max_tokens=max_tokens,
             logprobs=num_logprobs,
@@ -103,7 +111,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for p in prompts
         ]
         inputs = await self.process_inputs(engine_prompts, params, "prompt")
-        streams = await self.add_all(request_id, inputs, stream, priority)
+        streams = await self.add_all(request_id, inputs, stream, priority, lora_request=self.lora_request_for(model))
         ctx = _Ctx(request_id, now_int(), model, params.n, echo, num_logprobs, prompts)
         try:
             if stream:

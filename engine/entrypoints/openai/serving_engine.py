@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from aiohttp import web
@@ -16,6 +16,7 @@ from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.entrypoints.openai.protocol import Body, OpenAIError
+from engine.entrypoints.openai.tools import ToolOptions
 from engine.structured_output.openai_fields import structured_outputs_from_body, wait_for_grammars
 from engine.entrypoints.openai.error_body import safe_error_response
 from engine.entrypoints.openai.tokenizer_pool import TokenizerPool, shared_pool
@@ -121,6 +122,10 @@ class ServerConfig:
     chat_template: str | None = None
     # render_chat options: content_format ("auto" / "string" / "openai"), split_special_tokens
     chat_options: dict[str, Any] = field(default_factory=dict)
+    # LoRA: the adapters served by name (engine/entrypoints/openai/serving_lora.py), None without --enable-lora
+    lora_modules: Any = None
+    # tool calling and reasoning: --enable-auto-tool-choice, --tool-call-parser, --reasoning-parser
+    tool_options: ToolOptions = field(default_factory=ToolOptions)
 
 
 class OpenAIServing:
@@ -155,11 +160,16 @@ class OpenAIServing:
         model = body.str("model")
         if model is None:
             return self.model_name
-        if model not in self.config.served_model_names:
+        if model not in self.config.served_model_names and self.lora_request_for(model) is None:
             raise OpenAIError(
                 f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found"
             )
         return model
+
+    def lora_request_for(self, model: str) -> Any:
+        """The LoRARequest a ``model`` name picks (None: the base model)."""
+        mods = self.config.lora_modules
+        return mods.resolve(model) if mods is not None else None
 
     def check_ids(self, ids: list[int], param: str) -> None:
         try:
@@ -248,10 +258,13 @@ class OpenAIServing:
             raise OpenAIError(msg, param=param) from None
 
     async def add_all(
-        self, base_id: str, inputs: list[ProcessedInput], stream: bool, priority: int = 0
+        self, base_id: str, inputs: list[ProcessedInput], stream: bool, priority: int = 0, lora_request: Any = None,
     ) -> list[OutputStream]:
-        """Submits one engine request per processed prompt; on any failure aborts the ones already added."""
+        """Submits one engine request per processed prompt (with ``lora_request``'s adapter); on any
+        failure aborts the ones already added."""
         streams: list[OutputStream] = []
+        if lora_request is not None:
+            inputs = [replace(p, lora_request=lora_request) for p in inputs]
         try:
             for i, processed in enumerate(inputs):
                 # the queue cap admits a request whole: only its first prompt is checked against it

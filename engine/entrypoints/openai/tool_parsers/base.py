@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 
@@ -25,6 +25,9 @@ from typing import Any, Callable, ClassVar
 class ToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI's ``function.arguments``
+    # how much of the content comes before this call: APIs with ordered blocks (Anthropic's,
+    # the Responses API) interleave text and calls by it, the same streamed or not
+    offset: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -33,6 +36,12 @@ class ParsedOutput:
     calls: list[ToolCall] = field(default_factory=list)
     # streaming only: the last call's arguments may still grow
     last_call_open: bool = False
+    # a point where parsing starts afresh (hermes: after a closed block): for every continuation of
+    # the text, the parse is that of text[:checkpoint] followed by that of the rest. With it the
+    # streamer parses only from the last checkpoint on, not the whole text at every step.
+    checkpoint: int = 0
+    checkpoint_content: int = 0  # len(content) and len(calls) at the checkpoint
+    checkpoint_calls: int = 0
 
 
 class ToolParser(ABC):
@@ -115,9 +124,16 @@ def new_call_id() -> str:
 # ---- streaming ---------------------------------------------------------------------------------
 @dataclass
 class StreamDelta:
-    content: str = ""
-    # OpenAI delta.tool_calls entries, in the order they must be sent
-    tool_calls: list[dict] = field(default_factory=list)
+    # in the order they must be sent: {"content": str} or {"tool_call": OpenAI delta.tool_calls entry}
+    parts: list[dict] = field(default_factory=list)
+
+    @property
+    def content(self) -> str:
+        return "".join(p["content"] for p in self.parts if "content" in p)
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        return [p["tool_call"] for p in self.parts if "tool_call" in p]
 
 
 @dataclass
@@ -129,21 +145,47 @@ class ToolCallStreamer:
     ids: list[str] = field(default_factory=list)
     sent_content: int = 0
     sent_args: list[int] = field(default_factory=list)
+    # what lies before the last checkpoint: its text length, content and calls, settled for good
+    base_pos: int = 0
+    base_content: str = ""
+    base_calls: list[ToolCall] = field(default_factory=list)
+
+    def _parse(self, text: str, final: bool) -> ParsedOutput:
+        sub = self.parser.parse(text[self.base_pos:] if self.base_pos else text, final)
+        if not self.base_pos:
+            parsed = sub
+        else:
+            shift = len(self.base_content)
+            parsed = ParsedOutput(self.base_content + sub.content,
+                                  self.base_calls + [replace(c, offset=c.offset + shift) for c in sub.calls],
+                                  sub.last_call_open)
+        if sub.checkpoint:
+            self.base_content = parsed.content[:len(self.base_content) + sub.checkpoint_content]
+            self.base_calls = parsed.calls[:len(self.base_calls) + sub.checkpoint_calls]
+            self.base_pos += sub.checkpoint
+        return parsed
 
     def step(self, text: str, final: bool) -> StreamDelta:
-        parsed = self.parser.parse(text, final)
-        out = StreamDelta(content=parsed.content[self.sent_content:])
-        self.sent_content = len(parsed.content)
+        parsed = self._parse(text, final)
+        out = StreamDelta()
+
+        def content_to(end: int) -> None:
+            if end > self.sent_content:
+                out.parts.append({"content": parsed.content[self.sent_content:end]})
+                self.sent_content = end
+
         for i, call in enumerate(parsed.calls):
             if i >= len(self.ids):
+                content_to(call.offset)  # the text before a new call goes first
                 self.ids.append(new_call_id())
                 self.sent_args.append(0)
-                out.tool_calls.append({"index": i, "id": self.ids[i], "type": "function",
-                                       "function": {"name": call.name, "arguments": ""}})
+                out.parts.append({"tool_call": {"index": i, "id": self.ids[i], "type": "function",
+                                                "function": {"name": call.name, "arguments": ""}}})
             piece = call.arguments[self.sent_args[i]:]
             if piece:
-                out.tool_calls.append({"index": i, "function": {"arguments": piece}})
+                out.parts.append({"tool_call": {"index": i, "function": {"arguments": piece}}})
                 self.sent_args[i] = len(call.arguments)
+        content_to(len(parsed.content))
         return out
 
     def final_calls(self, parsed: ParsedOutput) -> list[dict]:

@@ -8,6 +8,7 @@ known to be a call), and so is a suffix that may be the start of ``<tool_call>``
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from engine.entrypoints.openai.tool_parsers.base import (
     ParsedOutput, ToolParser, call_from_object, held_back, register_tool_parser,
@@ -44,15 +45,17 @@ class HermesToolParser(ToolParser):
                 if final:
                     call = _call(text[body_at:])
                     if call is not None:
-                        out.calls.append(call)
+                        out.calls.append(replace(call, offset=sum(map(len, content))))
                     else:
                         content.append(text[i:])
                 break
             call = _call(text[body_at:j])
             if call is not None:
-                out.calls.append(call)
+                out.calls.append(replace(call, offset=sum(map(len, content))))
             else:
                 content.append(text[i:j + len(self.end)])
             pos = j + len(self.end)
+            # after a closed block the scan starts afresh: a checkpoint
+            out.checkpoint, out.checkpoint_content, out.checkpoint_calls = pos, sum(map(len, content)), len(out.calls)
         out.content = "".join(content)
         return out

@@ -8,6 +8,7 @@ closing bracket arrives, and nothing after it can change it, so a stream may sen
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from engine.entrypoints.openai.tool_parsers.base import (
@@ -39,44 +40,36 @@ class Llama3JsonToolParser(ToolParser):
     prefix = "<|python_tag|>"
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
-        out = ParsedOutput()
         pos = _skip_ws(text, 0)
         if text.startswith(self.prefix, pos):
             pos = _skip_ws(text, pos + len(self.prefix))
-        elif not final and self.prefix.startswith(text[pos:]) and pos < len(text):
-            return out  # may still become the tag
-        start = 0  # where content begins when the calls stop
-        while True:
-            if pos >= len(text) or text[pos] != "{":
-                break
+        elif not final and pos < len(text) and self.prefix.startswith(text[pos:]):
+            return ParsedOutput()  # may still become the tag
+        calls: list[ToolCall] = []
+        content_from = 0
+        while pos < len(text) and text[pos] == "{":
             got = _decode(text, pos)
             if got is None:
                 if not final:
-                    return out  # an object still being written: undecided
+                    return ParsedOutput(calls=calls)  # an object still being written: undecided
                 break
             call = call_from_object(got[0])
             if call is None:
                 break
+            calls.append(call)
             after = _skip_ws(text, got[1])
-            if after >= len(text) and not final:
-                out.calls.append(call)  # complete: a later ";" or content cannot change it
-                return out
-            out.calls.append(call)
-            start = after
+            content_from = after
             if after < len(text) and text[after] == ";":
-                pos = _skip_ws(text, after + 1)
-                if pos >= len(text) and not final:
-                    return out
-                start = pos
+                pos = content_from = _skip_ws(text, after + 1)
                 continue
+            if after >= len(text) and not final:
+                return ParsedOutput(calls=calls)  # a ";" and another call may follow
             break
-        if not out.calls:
-            start = 0
-        rest = text[start:]
-        if not out.calls and not final and not rest.strip():
-            return out  # only whitespace so far: a call may still follow
-        out.content = rest
-        return out
+        if not calls:
+            if not final and pos >= len(text):
+                return ParsedOutput()  # only whitespace (and the tag) so far: a call may follow
+            content_from = 0
+        return ParsedOutput(content=text[content_from:], calls=calls)
 
 
 @register_tool_parser("mistral")
@@ -107,7 +100,7 @@ class MistralToolParser(ToolParser):
             else:
                 out.content = text  # not a call list: all of it is content
             return out
-        out.calls = calls
+        out.calls = [replace(c, offset=len(head)) for c in calls]
         out.content = head + text[got[1]:]
         return out
 
@@ -146,7 +139,7 @@ class RequiredToolParser(ToolParser):
             if pos < len(text) and text[pos] == ",":
                 pos = _skip_ws(text, pos + 1)
             elif pos < len(text) and text[pos] == "]":
-                pos = len(text)
+                pos = _skip_ws(text, pos + 1)
                 break
             else:
                 break
