@@ -84,3 +84,15 @@ def engine_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
 
     args = engine_args_from(ns)
     return {k: v for k, v in vars(args).items() if k != "model"}
+
+
+def start_offline(ns: argparse.Namespace, machine: dict[str, Any]) -> tuple[list[BenchRequest], str, str | None, Any]:
+    """The workload, the model's paths for the peers, and the engine's LLM (loaded after waiting for
+    a quiet machine, whose load goes into ``machine``)."""
+    from engine.bench.report import machine_info
+    from engine.entrypoints.llm import LLM
+
+    requests = dataset_from(ns)
+    model_dir, gguf = model_paths(ns)
+    machine.update(machine_info(quiet(ns)))
+    return requests, model_dir, gguf, LLM(ns.model, **engine_kwargs(ns))

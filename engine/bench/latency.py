@@ -8,10 +8,10 @@ import gc
 import statistics
 
 from engine.bench import plots
-from engine.bench.common import add_common_args, dataset_from, engine_kwargs, model_paths, offline_peers, quiet
+from engine.bench.common import add_common_args, offline_peers, quiet, start_offline
 from engine.bench.engine_run import run_engine
 from engine.bench.peers import PeerResult
-from engine.bench.report import Report, machine_info
+from engine.bench.report import Report
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
@@ -29,13 +29,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def run(ns: argparse.Namespace, report: Report) -> None:
-    from engine.entrypoints.llm import LLM
-
     ns.num_prompts, ns.range_ratio = ns.batch_size, 0.0  # one batch of identical lengths
-    requests = dataset_from(ns)
-    model_dir, gguf = model_paths(ns)
-    report.machine = machine_info(quiet(ns))
-    llm = LLM(ns.model, **engine_kwargs(ns))
+    requests, model_dir, gguf, llm = start_offline(ns, report.machine)
     max_model_len = llm.llm_engine.config.model.max_model_len
     try:
         for _ in range(ns.num_iters_warmup):

@@ -6,9 +6,9 @@ import argparse
 import gc
 
 from engine.bench import plots
-from engine.bench.common import add_common_args, dataset_from, engine_kwargs, model_paths, offline_peers, quiet
+from engine.bench.common import add_common_args, offline_peers, quiet, start_offline
 from engine.bench.engine_run import run_engine
-from engine.bench.report import Report, machine_info
+from engine.bench.report import Report
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -16,12 +16,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace, report: Report) -> None:
-    from engine.entrypoints.llm import LLM
-
-    requests = dataset_from(ns)
-    model_dir, gguf = model_paths(ns)
-    report.machine = machine_info(quiet(ns))
-    llm = LLM(ns.model, **engine_kwargs(ns))
+    requests, model_dir, gguf, llm = start_offline(ns, report.machine)
     max_model_len = llm.llm_engine.config.model.max_model_len
     try:
         run_engine(llm, requests[:2], "warm-up", desc="warm-up")
