@@ -126,16 +126,32 @@ def main() -> None:
     print(f"min cosine engine vs sentence-transformers: {results['min_cosine']:.7f}")
     print(json.dumps(results))
     if args.plot:
-        try:
-            from engine.bench.plots import peers_bar
-        except ImportError:
-            print("matplotlib is not installed: no plot")
-            return
-        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        peers_bar(Path(args.plot), {k: results[k]["embeddings_per_s"] for k in ("engine", "sentence-transformers")},
-                  "embeddings / s", f"{len(prompts)} workload prompts ({num_tokens} tokens), SmolLM2-135M fp32, CPU")
-        print(f"plot: {args.plot}")
+        plot(Path(args.plot), results, f"{len(prompts)} workload prompts ({num_tokens} tokens), SmolLM2-135M fp32, CPU")
 
+
+def plot(path: Path, results: dict, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.bench.plots import DPI, FIG_SIZE_IN
+
+    names = ["engine", "sentence-transformers"]
+    fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
+    bars = ax.bar(names, [results[n]["embeddings_per_s"] for n in names], color=["#2f5bea", "#8c95a8"])
+    ax.bar_label(bars, labels=[f"{results[n]['embeddings_per_s']:.3f}/s ({results[n]['tokens_per_s']:.0f} tok/s)"
+                               for n in names])
+    ax.set_ylabel("embeddings / s")
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(path.parent, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 if __name__ == "__main__":
     main()

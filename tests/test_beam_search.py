@@ -83,6 +83,18 @@ def test_golden_prompts_batched_equal_transformers(llm, prompt_ids, hf_model, wi
     assert_all_blocks_free(llm)
 
 
+def test_beams_share_the_prompt_blocks(llm, prompt_ids):
+    """After the first step every beam's request reads the prompt's full blocks from the prefix
+    cache (shared by reference count) instead of recomputing them."""
+    ids = prompt_ids[5]  # 284 tokens: 17 full blocks
+    before = llm.get_stats().kv_cache.prefix_cache_hits
+    llm.beam_search([ids], BeamSearchParams(beam_width=4, max_tokens=3, ignore_eos=True))
+    hits = llm.get_stats().kv_cache.prefix_cache_hits - before
+    full = len(ids) // 16 * 16
+    assert hits >= 2 * 4 * full, hits  # steps 2 and 3: four beams each
+    assert_all_blocks_free(llm)
+
+
 @pytest.mark.parametrize(("length_penalty", "early_stopping"), [(0.0, False), (2.0, False), (-1.0, True),
                                                                (1.0, "never")])
 def test_length_penalty_and_early_stopping(llm, prompt_ids, hf_model, length_penalty, early_stopping):

@@ -81,7 +81,9 @@ def _files(path: str | Path) -> tuple[Path, Path]:
                                 "adapter_config.json and adapter_model.safetensors (PEFT's save_pretrained)")
     st = root / "adapter_model.safetensors"
     if not st.is_file():
-        hint = " (adapter_model.bin is not read: save with safe_serialization=True)" if (root / "adapter_model.bin").is_file() else ""
+        hint = ""
+        if (root / "adapter_model.bin").is_file():
+            hint = " (adapter_model.bin is not read: save with safe_serialization=True)"
         raise LoRANotFoundError(f"lora_path {str(path)!r} has no adapter_model.safetensors{hint}")
     return cfg, st
 

@@ -52,7 +52,8 @@ class LoRALinearMethod(LinearMethod):
     n*max_rank, in], ``lora_b`` [max_loras, out, n*max_rank], block-diagonal over the n projections
     fused in the layer (q/k/v, gate/up); a smaller rank is zero-padded, a missing projection is zero."""
 
-    def __init__(self, base: LinearMethod, layer: LinearBase, modules: list[str], max_loras: int, max_rank: int) -> None:
+    def __init__(self, base: LinearMethod, layer: LinearBase, modules: list[str], max_loras: int,
+                 max_rank: int) -> None:
         self.base = base
         self.name = base.name
         self.layer_ref = layer

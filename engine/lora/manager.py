@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.lora.adapter import TARGET_MODULES, LoRAAdapter, load_adapter
+from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.config import LoRAConfig
 from engine.lora.layers import LoRAContext, LoRALinearMethod, attach_lora
 from engine.lora.ops import LoRABatch
@@ -27,7 +27,8 @@ class LoRAModelManager:
         self.config = config
         self.hf_config = hf_config
         self.device = device
-        self.layers: dict[tuple[int, str], LoRALinearMethod] = attach_lora(model, config.max_loras, config.max_lora_rank)
+        self.layers: dict[tuple[int, str], LoRALinearMethod] = attach_lora(model, config.max_loras,
+                                                                           config.max_lora_rank)
         self.slots: list[int | None] = [None] * config.max_loras  # adapter id held by each slot
         self.slot_used: list[int] = [0] * config.max_loras  # last step that used each slot
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU of loaded adapters
@@ -115,7 +116,7 @@ def make_lora_manager(config: Any, model: torch.nn.Module, device: torch.device)
     lora: LoRAConfig | None = config.lora_config
     if lora is None:
         return None
+    logger.info("LoRA: %d slots of rank <= %d, %d host copies; steps with adapter rows run eagerly "
+                "(decode-step replays hold no LoRA delta), base-only steps still replay",
+                lora.max_loras, lora.max_lora_rank, lora.max_cpu_loras)
     return LoRAModelManager(model, lora, config.model.hf_config, device)
-
-
-__all__ = ["LoRAModelManager", "make_lora_manager", "TARGET_MODULES"]

@@ -77,6 +77,8 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     """Adds ``(x[t] @ lora_a[s].T) @ lora_b[s].T`` into ``out[t]`` for every row t on slot s.
     ``lora_a`` is [slots, n*r, in] and ``lora_b`` [slots, out, n*r] (block-diagonal over the
     layer's n fused projections, scale folded in)."""
+    if x.is_cuda:
+        return add_lora_triton(out, x, lora_a, lora_b, batch)
     if batch.perm is None:
         slot = batch.slots[0]
         return out.add_(_mm(_mm(x, lora_a[slot]), lora_b[slot]))
@@ -87,6 +89,30 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         a, b = lora_a.index_select(0, batch.slot_index), lora_b.index_select(0, batch.slot_index)
     xs = x.index_select(0, batch.perm).view(g, m, x.shape[1])
     delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)).view(g * m, out.shape[1])
+    if batch.has_base_rows:
+        delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])
+    return out.add_(delta.index_select(0, batch.inv))
+
+
+def add_lora_triton(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    batch: LoRABatch) -> torch.Tensor:
+    """The GPU path: shrink and expand as Triton grouped matmuls (engine/kernels/moe_matmul.py, the
+    MoE experts' kernel: tiles of each group's gathered rows against that group's matrix), one
+    launch each for every adapter of the step. Runs on CPU tensors in Triton's interpreter (tests)."""
+    from engine.kernels.moe_matmul import moe_matmul
+
+    if batch.perm is None:
+        slot, rows = batch.slots[0], x.shape[0]
+        index = torch.arange(rows, dtype=torch.int64, device=x.device)
+        h = moe_matmul(x, lora_a[slot : slot + 1], index, [rows])
+        return out.add_(moe_matmul(h, lora_b[slot : slot + 1], index, [rows]))
+    g, m = len(batch.slots), batch.group_rows
+    if batch.slot_index is None:
+        a, b = lora_a[batch.slots[0] : batch.slots[0] + g], lora_b[batch.slots[0] : batch.slots[0] + g]
+    else:
+        a, b = lora_a.index_select(0, batch.slot_index), lora_b.index_select(0, batch.slot_index)
+    h = moe_matmul(x, a, batch.perm, [m] * g)  # [G*M, n*r], group-major
+    delta = moe_matmul(h, b, torch.arange(g * m, dtype=torch.int64, device=x.device), [m] * g)
     if batch.has_base_rows:
         delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])
     return out.add_(delta.index_select(0, batch.inv))

@@ -112,7 +112,8 @@ def _check_allowed(mods: LoRAModules) -> None:
                           code="runtime_lora_updating_disabled")
 
 
-def add_lora_routes(app: web.Application, mods: LoRAModules, read_json: Callable[[web.Request], Awaitable[Any]]) -> None:
+def add_lora_routes(app: web.Application, mods: LoRAModules,
+                    read_json: Callable[[web.Request], Awaitable[Any]]) -> None:
     """POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"}."""
     lock = asyncio.Lock()
 
