@@ -166,6 +166,34 @@ def test_tiny_tp2_equals_tp1(tiny_tp2, tiny_model_path):
     assert a == b
 
 
+def test_structured_outputs_under_tp2_equal_tp1(tiny_tp2, tiny_model_path):
+    """The step's grammar bitmask reaches every rank: constrained greedy output under TP=2 equals
+    TP=1 (a divergence only right after a near-tie of the masked distribution's top two, whose
+    logprobs are the processed ones) and full-matches the constraint."""
+    import json
+    import re
+
+    from engine.structured_output.params import StructuredOutputsParams as SO
+
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 4}
+    sos = [SO(json=schema, disable_any_whitespace=True), SO(regex=r"(ab|cd){2,5}"), SO(choice=["left", "right"])]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, logprobs=2, structured_outputs=so) for so in sos]
+    tp1 = LLM(str(tiny_model_path), kv_cache_memory_bytes=1 << 20)
+    try:
+        ref = [o.outputs[0] for o in tp1.generate(PROMPTS[:3], params, use_tqdm=False)]
+    finally:
+        tp1.shutdown()
+    got = [o.outputs[0] for o in tiny_tp2.generate(PROMPTS[:3], params, use_tqdm=False)]
+    for i, (g, r) in enumerate(zip(got, ref)):
+        gaps = [(lambda top: top[0] - top[1] if len(top) > 1 else float("inf"))(
+            sorted((x.logprob for x in lp.values()), reverse=True)) for lp in r.logprobs]
+        assert_greedy_match(list(g.token_ids), {"tokens": list(r.token_ids), "gaps": gaps}, label=f"constraint {i}")
+    arr = json.loads(got[0].text)
+    assert 2 <= len(arr) <= 4 and all(isinstance(v, int) and 0 <= v <= 99 for v in arr), got[0].text
+    assert re.fullmatch(r"(ab|cd){2,5}", got[1].text), got[1].text
+    assert got[2].text in ("left", "right")
+
+
 def test_tiny_rank_weights_and_cache_are_shards(tiny_tp2):
     ex = tiny_tp2.llm_engine.executor
     per_rank = ex.weight_bytes()
@@ -366,30 +394,3 @@ def test_worker_killed_mid_generation(tiny_tp2):
     with pytest.raises(EngineDeadError):
         engine.executor.execute_model(None)
 
-
-def test_structured_outputs_under_tp2_equal_tp1(tiny_tp2, tiny_model_path):
-    """The step's grammar bitmask reaches every rank: constrained greedy output under TP=2 equals
-    TP=1 (a divergence only right after a near-tie of the masked distribution's top two, whose
-    logprobs are the processed ones) and full-matches the constraint."""
-    import json
-    import re
-
-    from engine.structured_output.params import StructuredOutputsParams as SO
-
-    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 4}
-    sos = [SO(json=schema, disable_any_whitespace=True), SO(regex=r"(ab|cd){2,5}"), SO(choice=["left", "right"])]
-    params = [SamplingParams(temperature=0.0, max_tokens=40, logprobs=2, structured_outputs=so) for so in sos]
-    tp1 = LLM(str(tiny_model_path), kv_cache_memory_bytes=1 << 20)
-    try:
-        ref = [o.outputs[0] for o in tp1.generate(PROMPTS[:3], params, use_tqdm=False)]
-    finally:
-        tp1.shutdown()
-    got = [o.outputs[0] for o in tiny_tp2.generate(PROMPTS[:3], params, use_tqdm=False)]
-    for i, (g, r) in enumerate(zip(got, ref)):
-        gaps = [(lambda top: top[0] - top[1] if len(top) > 1 else float("inf"))(
-            sorted((x.logprob for x in lp.values()), reverse=True)) for lp in r.logprobs]
-        assert_greedy_match(list(g.token_ids), {"tokens": list(r.token_ids), "gaps": gaps}, label=f"constraint {i}")
-    arr = json.loads(got[0].text)
-    assert 2 <= len(arr) <= 4 and all(isinstance(v, int) and 0 <= v <= 99 for v in arr), got[0].text
-    assert re.fullmatch(r"(ab|cd){2,5}", got[1].text), got[1].text
-    assert got[2].text in ("left", "right")

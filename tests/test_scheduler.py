@@ -332,3 +332,25 @@ def test_engine_rejects_impossible_prompts_at_add_time_and_keeps_serving(tiny_mo
     assert len(out[0].outputs[0].token_ids) == 4
     assert llm.get_stats()["kv_blocks_used"] == 0
     llm.shutdown()
+
+
+def test_a_host_block_read_by_a_swap_in_is_not_reused_by_a_swap_out_of_the_same_step():
+    """Found by the property test: q0#0 swapped out into the only host block, swapped back in the
+    next step while q1 was preempted by swap in that same step. The worker runs every swap-out
+    before any swap-in, so q1 must not get the host block q0#0 is still to be read from."""
+    from tests.scheduler_sim import make_request, make_scheduler, step
+
+    sched, worker = make_scheduler(4, 4, caching=False, num_host_blocks=1, preemption_mode="swap",
+                                   policy="priority", max_num_batched_tokens=48, max_num_seqs=3, max_model_len=48,
+                                   chunked=False)
+    for i in range(2):
+        sched.add_request(make_request(f"q0#{i}", [3], 3, arrival=1.0, parent_id="q0", sample_index=i))
+    step(sched, worker)
+    sched.add_request(make_request("q1", [3], 2, arrival=2.0, priority=1, parent_id="q1"))
+    step(sched, worker)
+    assert sched.preempt_request("q0#0")
+    sched.add_request(make_request("q2", [3], 1, arrival=3.0, parent_id="q2"))
+    so = step(sched, worker)  # the sim worker raises if any request reads tokens that are not its own
+    host_targets = [h for _, h in so.swap_out]
+    assert len(set(host_targets)) == len(host_targets), so.swap_out  # no host block written twice
+    sched.kv_cache.check_invariants()

@@ -60,6 +60,9 @@ class KVCacheManager:
         self.stats = KVCacheCounters()
         self._ops = BlockOps()
         self._rewritten: set[str] = set()  # requests whose table changed other than by appending
+        # host blocks a swap-in of this step reads: free only once the step's ops are taken, since
+        # the worker runs every swap-out before any swap-in (a swap-out into one would overwrite it)
+        self._host_reading: list[int] = []
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -269,7 +272,7 @@ class KVCacheManager:
             self.pool.touch(block)
         fresh = self.pool.allocate(len(host) - len(hits))
         self._ops.swap_in.extend((h, b.block_id) for h, b in zip(host[len(hits) :], fresh))
-        self.host_pool.free(host)
+        self._host_reading.extend(host)
         table = hits + fresh
         self.tables[rid] = table
         # the copied full blocks are registered again (under their hashes) when allocate_slots runs
@@ -297,6 +300,8 @@ class KVCacheManager:
     # ---- per step --------------------------------------------------------------------------
     def take_block_ops(self) -> BlockOps:
         ops, self._ops = self._ops, BlockOps()
+        self.host_pool.free(self._host_reading)  # their swap-ins are in ops now, ahead of any later swap-out
+        self._host_reading = []
         return ops
 
     def take_rewritten(self) -> set[str]:
@@ -356,7 +361,7 @@ class KVCacheManager:
         for h, block_id in pool.cached.items():
             if pool.blocks[block_id].block_hash != h:
                 fail(f"cache index maps a hash to block {block_id}, which holds another")
-        host_held = [h for t in self.host_tables.values() for h in t]
+        host_held = [h for t in self.host_tables.values() for h in t] + self._host_reading
         if len(set(host_held)) != len(host_held):
             fail("a host block is held twice")
         if len(host_held) + self.host_pool.num_free_blocks != self.host_pool.num_blocks:

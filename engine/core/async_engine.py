@@ -153,6 +153,12 @@ class AsyncLLMEngine(EngineClient):
     def input_processor(self) -> InputProcessor:
         return self._input_processor
 
+    def check_lora(self, lora_request: Any) -> None:
+        self.engine.check_lora(lora_request)  # reads files and the adapter registry only: any thread
+
+    def lora_users(self, lora_int_id: int) -> list[str]:
+        return self.engine.lora_users(lora_int_id)
+
     @property
     def errored(self) -> bool:
         return self._dead is not None

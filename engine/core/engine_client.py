@@ -65,6 +65,12 @@ class EngineClient(Protocol):
     def input_processor(self) -> InputProcessor:
         """The engine's request checks; ``with_tokenizer`` gives a copy for another thread."""
 
+    def check_lora(self, lora_request: Any) -> None:
+        """LoRAError for an adapter the engine cannot serve (bad path, rank, shapes, targets)."""
+
+    def lora_users(self, lora_int_id: int) -> list[str]:
+        """Ids of the unfinished requests that use an adapter."""
+
     @property
     def errored(self) -> bool:
         """True once the engine failed; it then takes no more requests."""

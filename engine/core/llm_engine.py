@@ -236,6 +236,24 @@ class LLMEngine:
             structured_output=self.structured_output.get_stats(),
         )
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence that can run: max_model_len, or less where the KV cache is smaller."""
+        return self.scheduler.max_model_len
+
+    def check_prompt(self, num_tokens: int) -> None:
+        """PromptTooLongError when a prompt of ``num_tokens`` cannot run (callers that build requests
+        themselves, such as beam search, check before they start)."""
+        self.scheduler.check_prompt(num_tokens)
+
+    def check_lora(self, lora_request: Any) -> None:
+        """LoRAError (a 400) for an adapter this engine cannot serve; checked adapters are cached."""
+        self.lora_registry.check(lora_request)
+
+    def lora_users(self, lora_int_id: int) -> list[str]:
+        """Ids of unfinished requests using an adapter (safe from another thread)."""
+        return self.lora_registry.users(lora_int_id, self.output_processor.parents.__contains__)
+
     def check_health(self) -> None:
         """Raises if a worker is gone (Ray: a worker that died while idle, with no call into it)."""
         self.executor.check_health()

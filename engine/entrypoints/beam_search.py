@@ -204,8 +204,8 @@ def run_beam_search(llm: LLM, prompts: list, params: BeamSearchParams) -> list[B
         raise InvalidInputError("prompts is empty: give at least one prompt", "prompts")
     ids = [engine.tokenize_prompt(p)[1] for p in prompts]
     for p_ids in ids:
-        engine.scheduler.check_prompt(len(p_ids))
-    instances = make_instances(ids, params, engine.eos_token_ids, engine.scheduler.max_model_len)
+        engine.check_prompt(len(p_ids))
+    instances = make_instances(ids, params, engine.eos_token_ids, engine.max_model_len)
     while True:
         live = [inst for inst in instances if not inst.done and inst.max_new_tokens > 0]
         if not live:

@@ -9,8 +9,8 @@ import time
 from typing import TYPE_CHECKING
 
 from engine.block_manager.kv_cache_manager import KVCacheManager
-from engine.lora.admission import AdapterSlots
 from engine.errors import PromptTooLongError
+from engine.lora.admission import AdapterSlots
 from engine.request import NO_TOKEN, NO_TOKEN_REASON, Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.scheduler.policy import make_policy

@@ -78,6 +78,12 @@ class FakeEngine:
     def input_processor(self) -> InputProcessor:
         return self._processor
 
+    def check_lora(self, lora_request: Any) -> None:
+        raise ValueError("the stand-in engine serves no LoRA adapters")
+
+    def lora_users(self, lora_int_id: int) -> list[str]:
+        return []
+
     def start(self) -> None:
         pass
 

@@ -66,13 +66,8 @@ class LoRAModules:
 
     @classmethod
     def for_engine(cls, engine: Any, base_model_name: str, allow_runtime_updating: bool = False) -> "LoRAModules":
-        """Bound to an AsyncLLMEngine's engine-process adapter registry (read-only membership tests
-        of its request table are safe from the event-loop thread)."""
-        core = engine.engine
-        registry = core.lora_registry
-        parents = core.output_processor.parents
-        return cls(base_model_name, registry.check, lambda lora_id: registry.users(lora_id, parents.__contains__),
-                   runtime_updating_allowed(allow_runtime_updating))
+        """Bound to an engine client's adapter checks (EngineClient.check_lora / lora_users)."""
+        return cls(base_model_name, engine.check_lora, engine.lora_users, runtime_updating_allowed(allow_runtime_updating))
 
     def add(self, module: LoRAModulePath) -> LoRARequest:
         """Checks and registers an adapter (start-up and the load route); raises LoRAError."""
