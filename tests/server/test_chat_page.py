@@ -37,13 +37,10 @@ def test_disable_frontend_leaves_the_routes_out(tmp_path, tiny_model_path):
 def _metric(srv, name: str) -> float:
     import urllib.request
 
+    from engine.bench.serve_client import metric_sum
+
     with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        return metric_sum(r.read().decode(), name) or 0.0
 
 
 def test_chat_page_streams_and_stops_in_chromium(tmp_path, tiny_model_path):
