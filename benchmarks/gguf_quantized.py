@@ -1,8 +1,9 @@
 """GGUF weights kept quantized (``quantization="gguf"``) against the fp32 path, in one run.
+# (not named gguf.py: a script's folder comes first on sys.path, and that name would shadow the gguf package)
 
-    python benchmarks/gguf.py                                   # the embedded SmolLM2 Q4_1 GGUF
-    python benchmarks/gguf.py --repeats 7 --workload 0          # single-request decode only
-    python benchmarks/gguf.py --llama-cpp-python /venv/bin/python   # also llama.cpp on the same file
+    python benchmarks/gguf_quantized.py                                   # the embedded SmolLM2 Q4_1 GGUF
+    python benchmarks/gguf_quantized.py --repeats 7 --workload 0          # single-request decode only
+    python benchmarks/gguf_quantized.py --llama-cpp-python /venv/bin/python   # also llama.cpp on the same file
 
 Reports: weight bytes of each; single-request decode (32-token prompt, 128 greedy tokens,
 ignore_eos; the engines interleaved, median and best of the repeats) against the bandwidth floor
