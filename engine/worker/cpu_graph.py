@@ -25,8 +25,8 @@ from engine.worker.cuda_graph import StaticDecodeInputs, bucket_for
 
 logger = logging.getLogger(__name__)
 
-# padding a step up to its bucket costs at most ~25% more rows; C matmuls cover up to 64 rows in fp32
-CPU_PLAN_SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+# padding a step up to its bucket costs at most ~25% more rows (the packed GEMM covers every batch size)
+CPU_PLAN_SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256]
 
 
 class DecodePlan:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fp32_cpu.c")
 MODELS_SOURCE = Path(__file__).with_name("fp32_models.c")  # per-head RMSNorm, GeLU-and-mul
+GEMM_SOURCE = Path(__file__).with_name("fp32_gemm.c")  # the packed-weight GEMM for every batch size
 
 _p, _i64, _f32, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 
@@ -32,7 +33,7 @@ class CpuFp32Kernels:
     """Typed entry points of one compiled build of fp32_cpu.c. Every call is also recorded into the
     active kernel plan, if any (engine/kernels/cpu/plan.py)."""
 
-    def __init__(self, path: Path, models_path: Path | None = None) -> None:
+    def __init__(self, path: Path, models_path: Path | None = None, gemm_path: Path | None = None) -> None:
         lib = ctypes.CDLL(str(path))  # shares the libgomp thread pool torch has loaded
         lib.f32_isa.restype = ctypes.c_char_p
         lib.f32_max_group.restype = _i64
@@ -58,6 +59,15 @@ class CpuFp32Kernels:
                 fn.argtypes = argtypes
                 self._fn[name] = (fn, function_address(getattr(models, name + "_a")))
         self.has_model_kernels = models_path is not None
+        self.has_gemm = gemm_path is not None
+        if gemm_path is not None:
+            gemm = ctypes.CDLL(str(gemm_path))
+            gemm.f32_gemm_pack.argtypes = [_p, _i64, _i64, _i64, _p]
+            gemm.f32_gemm_panel_width.restype = _i64
+            self._pack, self.panel_width = gemm.f32_gemm_pack, int(gemm.f32_gemm_panel_width())
+            fn = gemm.f32_gemm_packed
+            fn.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64]
+            self._fn["f32_gemm_packed"] = (fn, function_address(gemm.f32_gemm_packed_a))
         lib.f32_run_plan.argtypes = [_i64, _p, _p, _p, _p]
         self.run_plan = lib.f32_run_plan
         self.lib, self.path = lib, path
@@ -80,6 +90,24 @@ class CpuFp32Kernels:
         y = empty(m, n)
         self._call("f32_linear", (x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
                                   0 if bias is None else bias.data_ptr(), y.data_ptr(), n), (x, y))
+        return y
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """A row-major weight [N, K] as the packed GEMM's column panels [ceil(N / 16), K, 16] (a copy)."""
+        n, k = weight.shape
+        w = self.panel_width
+        packed = torch.empty((-(-n // w), k, w), dtype=torch.float32)
+        self._pack(weight.data_ptr(), n, k, weight.stride(0), packed.data_ptr())  # not a step's kernel: never recorded
+        return packed
+
+    def gemm_packed(self, x: torch.Tensor, packed: torch.Tensor, n: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + bias`` for x [M, K] (rows contiguous) and ``packed = pack(W)``, W [n, K]; any M.
+        Each output is one FMA chain over k in order: a row's result never depends on the batch."""
+        m, k = x.shape
+        y = empty(m, n)
+        self._call("f32_gemm_packed", (x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n,
+                                       0 if bias is None else bias.data_ptr(), y.data_ptr(), n), (x, y))
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -152,7 +180,7 @@ def load(march: str = "native") -> CpuFp32Kernels | None:
     if os.environ.get("ENGINE_CPU_KERNELS", "1") == "0":
         return None
     try:
-        kernels = CpuFp32Kernels(build(SOURCE, march), build(MODELS_SOURCE, march))
+        kernels = CpuFp32Kernels(build(SOURCE, march), build(MODELS_SOURCE, march), build(GEMM_SOURCE, march))
     except (RuntimeError, OSError) as e:
         logger.warning("fp32 CPU kernels unavailable (%s); using torch ops", e)
         return None

@@ -43,21 +43,36 @@ class QuantizationScheme(ABC):
         """A fresh method for the layer called ``name`` of kind ``kind``, or None to leave it as loaded."""
 
 
-# Up to this many rows the fp32 CPU kernel beats torch's GEMM (which wins on large batches); wide
-# weights (an LM head) keep the kernel's advantage further (docs/performance.md).
+# Without the packed GEMM (fp32_gemm.c), up to this many rows the row-major fp32 CPU kernel beats
+# torch's GEMM (which wins on large batches); wide weights (an LM head) keep its advantage further.
 CPU_KERNEL_MAX_ROWS = 64
 CPU_KERNEL_MAX_ROWS_WIDE = 192
 WIDE_OUT_FEATURES = 8192
 
 
 class UnquantizedLinearMethod(LinearMethod):
+    """fp32 on CPU: the packed GEMM at every batch size (the weight is packed into column panels
+    at first use, a copy kept beside it and re-made if the weight is written); else the row-major
+    kernel for small batches and torch's GEMM (docs/performance.md)."""
+
     name = "none"
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, bias = layer.weight, getattr(layer, "bias", None)
         kernels = fp32_cpu_kernels(x, w)
-        if kernels is not None and x.dim() == 2 and w.stride(1) == 1 and x.stride(1) == 1:
+        if kernels is not None and x.dim() == 2 and w.dim() == 2 and w.stride(1) == 1 and x.stride(1) == 1:
+            if kernels.has_gemm:
+                return kernels.gemm_packed(x, self._packed(layer, kernels, w), w.shape[0], bias)
             limit = CPU_KERNEL_MAX_ROWS_WIDE if w.shape[0] >= WIDE_OUT_FEATURES else CPU_KERNEL_MAX_ROWS
             if x.shape[0] <= limit:
                 return kernels.linear(x, w, bias)
         return F.linear(x, w, bias)
+
+    @staticmethod
+    def _packed(layer: nn.Module, kernels, w: torch.Tensor) -> torch.Tensor:
+        key = (w.data_ptr(), w._version, tuple(w.shape))  # an in-place write or a new tensor re-packs
+        cached = getattr(layer, "_packed_weight", None)
+        if cached is None or cached[0] != key:
+            cached = (key, kernels.pack(w))
+            layer._packed_weight = cached
+        return cached[1]
