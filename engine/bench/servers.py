@@ -70,7 +70,7 @@ def start_engine_server(model: str | None, engine_flags: list[str], log_dir: Pat
 
 
 def start_vllm_server(python: str, model_dir: str, max_model_len: int, log_dir: Path) -> ServerProc:
-    from engine.bench.peers import vllm_env
+    from engine.bench.vllm_peer import vllm_env
 
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),

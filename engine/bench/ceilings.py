@@ -1,0 +1,132 @@
+"""What this machine can do at best, and what that means for one model: memory read bandwidth and
+the matrix-multiply rate (fp32, bf16, int8) with the thread count the engine uses, and for a model
+
+- the floor for one decode step: bytes of weights (and KV) a step must read / read bandwidth;
+- the ceiling for tokens/s at large batch: FLOPs per token / fp32 matmul rate.
+
+``bench throughput`` measures these in the same run, before and after the engine, and reports its
+results as fractions of them; ``python benchmarks/ceilings.py`` prints them alone. The machine is
+shared and noisy: every figure is the best of several repeats.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import astuple, dataclass
+
+import torch
+
+
+@dataclass
+class Ceilings:
+    threads: int
+    read_gbps: float  # GB/s streaming a large buffer (bytes read)
+    copy_gbps: float  # GB/s of a large copy (bytes read + written)
+    fp32_gflops: float  # 2048^3 torch.mm
+    bf16_gflops: float
+    int8_gops: float  # torch._int_mm, int32 accumulation
+
+    def best(self, other: "Ceilings") -> "Ceilings":
+        """The higher of two measurements of each figure: on a noisy machine the fractions reported
+        against ceilings measured at two moments are then never flattered by a slow moment."""
+        return Ceilings(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass
+class ModelCosts:
+    weight_bytes: int  # bytes of weights one forward step reads (linear layers + LM head)
+    flops_per_token: float  # matmul FLOPs of one token through all layers and the LM head
+    attn_flops_per_ctx_token: float  # extra FLOPs per token per token of context (QK^T and PV)
+    kv_bytes_per_token: int  # K and V of one token, all layers
+
+    def decode_floor_s(self, c: Ceilings, batch: int = 1, context: int = 0) -> float:
+        """A decode step reads every weight once and the KV of its context: no faster than this."""
+        return (self.weight_bytes + batch * context * self.kv_bytes_per_token) / (c.read_gbps * 1e9)
+
+    def compute_ceiling_tps(self, c: Ceilings, context: int = 0) -> float:
+        """Tokens/s at large batch if every FLOP ran at the fp32 matmul rate."""
+        return c.fp32_gflops * 1e9 / (self.flops_per_token + context * self.attn_flops_per_ctx_token)
+
+
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 7) -> tuple[float, float]:
+    """(read GB/s, copy GB/s) over buffers far larger than the caches."""
+    n = mib * (1 << 20) // 4
+    src = torch.ones(n)
+    dst = torch.empty_like(src)
+    read = src.numel() * 4 / best_time(lambda: src.sum(), repeats) / 1e9
+    copy = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats) / 1e9
+    return read, copy
+
+
+def measure_matmul(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Rate of an n x n x n matmul in G(FL)OP/s."""
+    if dtype == torch.int8:
+        a = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+        b = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+        fn = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        fn = lambda: torch.mm(a, b)  # noqa: E731
+    return 2 * n**3 / best_time(fn, repeats) / 1e9
+
+
+@dataclass(frozen=True)
+class CeilingSizes:
+    """Buffer and matrix sizes of one measurement: ``full`` is what fractions are reported against;
+    ``tiny`` (tests) takes well under a second and says little about the machine."""
+    read_mib: int
+    fp32_n: int
+    bf16_n: int
+    int8_n: int
+
+
+SIZES = {"full": CeilingSizes(512, 2048, 256, 2048), "quick": CeilingSizes(256, 1024, 256, 1024),
+         "tiny": CeilingSizes(32, 256, 64, 128)}
+
+
+def measure(quick: bool = False, wait_quiet_s: float = 60.0, size: str | None = None) -> Ceilings:
+    """The machine's ceilings (``size``: a key of SIZES; default full, or quick), after waiting (up
+    to ``wait_quiet_s``) for other processes to go quiet: a neighbour's load would lower every
+    ceiling and flatter every fraction of it."""
+    if wait_quiet_s > 0:
+        from engine.bench.machine import wait_for_quiet
+
+        wait_for_quiet(timeout_s=wait_quiet_s)
+    s = SIZES[size or ("quick" if quick else "full")]
+    read, copy = measure_bandwidth(s.read_mib)
+    return Ceilings(
+        threads=torch.get_num_threads(),
+        read_gbps=read,
+        copy_gbps=copy,
+        fp32_gflops=measure_matmul(torch.float32, s.fp32_n),
+        bf16_gflops=measure_matmul(torch.bfloat16, s.bf16_n, repeats=2),  # ~100x slower than fp32 on AVX2
+        int8_gops=measure_matmul(torch.int8, s.int8_n),
+    )
+
+
+def model_costs(hf_config, weight_bytes_per_param: float = 4.0, kv_bytes_per_elem: int = 4) -> ModelCosts:
+    """Counts the weights and FLOPs of a Llama-family model from its config."""
+    h = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    d = getattr(hf_config, "head_dim", None) or h // heads
+    inter = hf_config.intermediate_size
+    layers = hf_config.num_hidden_layers
+    per_layer = h * (heads + 2 * kv_heads) * d + heads * d * h + 3 * h * inter
+    params = layers * per_layer + hf_config.vocab_size * h  # the LM head (tied or not) is read each step
+    return ModelCosts(
+        weight_bytes=int(params * weight_bytes_per_param),
+        flops_per_token=2.0 * params,
+        attn_flops_per_ctx_token=4.0 * layers * heads * d,
+        kv_bytes_per_token=2 * layers * kv_heads * d * kv_bytes_per_elem,
+    )
