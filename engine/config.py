@@ -113,6 +113,13 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    pipeline_parallel_size: int = 1  # stages of contiguous layers, one Ray actor (per TP rank) each
+    data_parallel_size: int = 1  # engine replicas behind one front end (engine/dp/)
+
+    @property
+    def world_size(self) -> int:
+        """Workers one engine replica runs: tensor x pipeline ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass
@@ -175,6 +182,8 @@ class EngineArgs:
     seed: int = 0
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     quantization: str | None = None
     device: str | None = None
@@ -215,8 +224,12 @@ class EngineArgs:
 
         if self.scheduling_policy not in policy_names():
             raise ValueError(f"scheduling_policy must be {_one_of(policy_names())}, got {self.scheduling_policy!r}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError("distributed_executor_backend='uni' runs one worker; tensor or pipeline parallelism "
+                             "needs 'ray' (or leave it unset)")
         if self.quantization is not None and self.quantization not in quantization_methods():
             raise ValueError(f"quantization must be None or {_one_of(quantization_methods())}, got {self.quantization!r}")
         if self.runner not in ("auto", "generate", "pooling"):
@@ -287,8 +300,9 @@ class EngineArgs:
             scheduler.max_loras = lora.max_loras
         backend = self.distributed_executor_backend
         if backend is None:
-            backend = "ray" if self.tensor_parallel_size > 1 else "uni"
-        parallel = ParallelConfig(self.tensor_parallel_size, backend)
+            backend = "ray" if self.tensor_parallel_size * self.pipeline_parallel_size > 1 else "uni"
+        parallel = ParallelConfig(self.tensor_parallel_size, backend, self.pipeline_parallel_size,
+                                  self.data_parallel_size)
         return EngineConfig(
             model=model,
             cache=cache,

@@ -2,7 +2,8 @@
 
 The server holds an EngineClient, never the engine's internals (its scheduler, executor or
 config); AsyncLLMEngine implements it. Another engine (a remote one, a test double) can serve the
-same routes by implementing these members.
+same routes by implementing these members; DPAsyncEngine (engine/dp/client.py) serves N
+data-parallel replicas this way.
 """
 from __future__ import annotations
 
@@ -112,5 +113,6 @@ class EngineClient(Protocol):
     def get_stats(self) -> EngineStats:
         """The engine's stats as of its last step (cheap; any thread)."""
 
-    async def check_health(self) -> None:
-        """Raises (EngineDeadError) unless the engine and its workers are alive."""
+    async def check_health(self) -> dict | None:
+        """Raises (EngineDeadError) unless the engine and its workers are alive. May return a report
+        for /health's body (a data-parallel engine: ``{"status": "degraded", "replicas": [...]}``)."""

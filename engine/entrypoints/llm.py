@@ -30,7 +30,13 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM argument(s): {sorted(unknown)}; see engine.config.EngineArgs")
         self.engine_args = EngineArgs(model=model, **kwargs)
-        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        if self.engine_args.data_parallel_size > 1:  # replicas on Ray behind one router (docs/ray.md)
+            from engine.dp.offline import DPOfflineEngine
+
+            self.engine_args.validate()
+            self.llm_engine = DPOfflineEngine(self.engine_args)
+        else:
+            self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = 0
 
     def get_tokenizer(self) -> Any:

@@ -47,6 +47,8 @@ class RayExecutor(Executor):
         super().__init__(config)
         self.ray = import_ray()
         self.tp_size = config.parallel.tensor_parallel_size
+        self.world_size = config.parallel.world_size  # tensor x pipeline ranks
+        self._owns_placement_group = True
         self.actors: list[Any] = []
         self.workers: list[WorkerInfo] = []
         self.placement_group = None
@@ -69,10 +71,10 @@ class RayExecutor(Executor):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         device = self.config.device.type
-        self.placement_group = create_placement_group(ray, self.tp_size, device)
+        self.placement_group = self._placement_group(ray, device)
         # "monitor": a second thread per actor for wait_forever; model calls stay one at a time
         actor_cls = ray.remote(concurrency_groups={"monitor": 1})(RayWorkerWrapper)
-        for rank in range(self.tp_size):
+        for rank in range(self.world_size):
             strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
             opts = {"num_cpus": 0, "num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
             actor = actor_cls.options(**opts, scheduling_strategy=strategy, max_restarts=0).remote(
@@ -86,7 +88,7 @@ class RayExecutor(Executor):
         init_method = self._init_method()
         logger.info(
             "Ray: %d workers on %s; rendezvous %s",
-            self.tp_size, ", ".join(f"rank {w.rank} pid {w.pid} @ {w.ip}" for w in self.workers), init_method,
+            self.world_size, ", ".join(f"rank {w.rank} pid {w.pid} @ {w.ip}" for w in self.workers), init_method,
         )
         ranks = [w.rank for w in self.workers]
         self._start_monitor()
@@ -99,6 +101,21 @@ class RayExecutor(Executor):
         self._gather(
             [a.set_init_method.remote(init_method) for a in self.actors[1:]], startup_timeout_s(), "start", ranks=ranks[1:]
         )
+
+    def _placement_group(self, ray, device: str):
+        """The group of a data-parallel replica this engine runs in (engine/dp/launch.py made it with
+        one bundle per rank), else a new one."""
+        from ray.util.placement_group import get_current_placement_group
+
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) >= self.world_size:
+            self._owns_placement_group = False
+            return current
+        par = self.config.parallel
+        what = None if par.pipeline_parallel_size == 1 else (
+            f"tensor_parallel_size={par.tensor_parallel_size} x pipeline_parallel_size={par.pipeline_parallel_size} "
+            f"= {self.world_size} workers")
+        return create_placement_group(ray, self.world_size, device, what=what)
 
     def _start_monitor(self) -> None:
         """A daemon thread that marks the executor dead as soon as any actor dies, even while idle,
@@ -232,7 +249,7 @@ class RayExecutor(Executor):
             except Exception:  # noqa: BLE001
                 pass
         self.actors = []
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._owns_placement_group:
             from ray.util.placement_group import remove_placement_group
 
             try:

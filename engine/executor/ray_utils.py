@@ -78,27 +78,53 @@ def bundle_for(device_type: str) -> dict[str, float]:
     return {"GPU": 1.0} if device_type == "cuda" else {"CPU": 1.0}
 
 
-def create_placement_group(ray: Any, tp_size: int, device_type: str) -> Any:
-    """One bundle per rank, packed onto as few nodes as possible. Fails at once when the cluster
-    cannot ever hold it, and after ``placement_timeout_s`` when the resources stay taken."""
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def placement_strategy() -> str:
+    """How an engine's bundles are spread over nodes: PACK (default: as few nodes as possible),
+    or STRICT_SPREAD (each rank or stage on its own node), from PAGED_ENGINE_RAY_PLACEMENT_STRATEGY."""
+    strategy = os.environ.get("PAGED_ENGINE_RAY_PLACEMENT_STRATEGY", "PACK").upper()
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise EngineStartupError(
+            f"PAGED_ENGINE_RAY_PLACEMENT_STRATEGY={strategy!r} is not a Ray placement strategy; use one of "
+            f"{', '.join(PLACEMENT_STRATEGIES)}"
+        )
+    return strategy
+
+
+def create_placement_group(ray: Any, tp_size: int, device_type: str, what: str | None = None,
+                           strategy: str | None = None) -> Any:
+    """One bundle per rank, placed by ``strategy`` (``placement_strategy()`` by default). Fails at
+    once when the cluster cannot ever hold it, and after ``placement_timeout_s`` when the resources
+    stay taken. ``what`` names the layout in messages (default: the tensor-parallel size)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    strategy = strategy or placement_strategy()
+    what = what or f"tensor_parallel_size={tp_size}"
     bundle = bundle_for(device_type)
     (resource, per_rank), = bundle.items()
     need = per_rank * tp_size
     total = ray.cluster_resources().get(resource, 0)
     if total < need:
         raise EngineStartupError(
-            f"tensor_parallel_size={tp_size} needs {need:g} {resource} in the Ray cluster (one per rank), "
+            f"{what} needs {need:g} {resource} in the Ray cluster (one per rank), "
             f"but the cluster has {total:g}; add nodes, or start Ray with more, e.g. `ray start --head --num-cpus={int(need)}`"
         )
-    pg = placement_group([dict(bundle) for _ in range(tp_size)], strategy="PACK", name="")
+    if strategy == "STRICT_SPREAD":
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) >= per_rank]
+        if len(nodes) < tp_size:
+            raise EngineStartupError(
+                f"{what} with PAGED_ENGINE_RAY_PLACEMENT_STRATEGY=STRICT_SPREAD needs {tp_size} nodes with a "
+                f"{resource} each, but the cluster has {len(nodes)}; add nodes or use PACK"
+            )
+    pg = placement_group([dict(bundle) for _ in range(tp_size)], strategy=strategy, name="")
     timeout = placement_timeout_s()
     if not pg.wait(timeout_seconds=timeout):
         remove_placement_group(pg)
         free = ray.available_resources().get(resource, 0)
         raise EngineStartupError(
-            f"Ray could not place {tp_size} workers ({need:g} {resource}) within {timeout:g} s: "
+            f"Ray could not place {tp_size} workers ({need:g} {resource}, {strategy}) within {timeout:g} s: "
             f"{free:g} of the cluster's {total:g} {resource} are free; another job holds the rest "
             "(raise PAGED_ENGINE_RAY_PLACEMENT_TIMEOUT to wait longer)"
         )
@@ -157,6 +183,8 @@ class RayWorkerWrapper:
         iface = interface_for_ip(gloo_ip)
         if iface is not None and config.device.type == "cpu":
             os.environ["GLOO_SOCKET_IFNAME"] = iface  # gloo listens on the node's address, not on all
+        if config.parallel.pipeline_parallel_size > 1:
+            from engine.pipeline.worker import PipelineWorker as Worker  # noqa: N814 - same surface
         self.worker = Worker(config, rank=rank, distributed_init_method=init_method)
 
     def set_init_method(self, init_method: str) -> None:

@@ -238,13 +238,24 @@ def _lora_modules(ns: argparse.Namespace, engine_args: EngineArgs, engine: Async
     return mods
 
 
-def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
-    """Loads the engine, then serves until SIGTERM / SIGINT (``python -m engine serve``)."""
+def make_engine_client(engine_args: EngineArgs, **kwargs: Any) -> Any:
+    """The EngineClient the server talks to: one AsyncLLMEngine, or with data_parallel_size > 1 the
+    front end of that many replicas on Ray (engine/dp/client.py)."""
+    if engine_args.data_parallel_size > 1:
+        from engine.dp.client import DPAsyncEngine
+
+        return DPAsyncEngine.from_engine_args(engine_args, **kwargs)
+    return AsyncLLMEngine.from_engine_args(engine_args, **kwargs)
+
+
+def build_server(ns: argparse.Namespace, engine_args: EngineArgs) -> tuple[web.Application, ServeOptions, list[str]]:
+    """Loads the engine and builds the app with every server flag applied: (app, listening
+    options, served model names). ``run_server`` serves it; the Ray Serve deployment
+    (engine/serve/deployment.py) serves the same app behind Serve's proxy."""
     tool_options = tool_options_from(ns)
-    engine = AsyncLLMEngine.from_engine_args(
-        engine_args, log_stats=not ns.disable_log_stats, log_stats_interval=ns.log_stats_interval,
-        max_num_queued_requests=ns.max_num_queued_requests,
-    )
+    engine = make_engine_client(engine_args, log_stats=not ns.disable_log_stats,
+                                log_stats_interval=ns.log_stats_interval,
+                                max_num_queued_requests=ns.max_num_queued_requests)
     names = ns.served_model_name or [engine_args.model or DEFAULT_MODEL_NAME]
     config = ServerConfig(
         served_model_names=names,
@@ -269,6 +280,12 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         keepalive_timeout=ns.timeout_keep_alive, shutdown_timeout=ns.shutdown_timeout,
         access_log=None if ns.disable_log_requests else logging.getLogger("aiohttp.access"),
     )
+    return app, opts, names
+
+
+def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+    """Loads the engine, then serves until SIGTERM / SIGINT (``python -m engine serve``)."""
+    app, opts, names = build_server(ns, engine_args)
     logger.info("serving %s on http://%s:%d", names[0], ns.host, ns.port)
     asyncio.run(serve(app, opts))
     # everything that needs stopping (engine, executor, Ray) is stopped: exit now. Interpreter

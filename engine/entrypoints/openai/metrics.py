@@ -139,10 +139,15 @@ class _Writer:
 
 
 def render_metrics(engine: EngineClient, model_name: str, rejections: dict[str, int] | None = None) -> str:
+    from engine.dp.metrics import replica_stats, write_dp_metrics
+
     w = _Writer({"model_name": model_name})
     stats = engine.get_stats()
+    per_replica = replica_stats(engine)  # data parallel: each replica's too, labelled engine="i"
     for metric in ENGINE_METRICS:
         w.scalar(metric.name, metric.kind, metric.help, metric.value(stats))
+        for label, s in per_replica:
+            w.sample(metric.name, metric.value(s), engine=label)
     m = engine.metrics
     w.scalar("vllm:engine_healthy", "gauge", "1 while the engine runs, 0 after it failed.", 0 if engine.errored else 1)
     w.header("vllm:request_success_total", "counter", "Finished requests, by finish reason (abort: client gone).")
@@ -157,6 +162,7 @@ def render_metrics(engine: EngineClient, model_name: str, rejections: dict[str, 
     w.histogram("vllm:inter_token_latency_seconds", "Time between successive steps that gave a request tokens.", m.itl)
     w.histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token (finished requests).", m.e2e)
     write_structured_output_metrics(w, stats.structured_output)
+    write_dp_metrics(w, engine)
     if rejections is not None:
         from engine.entrypoints.openai.limits import REJECTION_REASONS
 

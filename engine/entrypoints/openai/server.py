@@ -170,10 +170,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # ---- handlers ----------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     try:
-        await _state(request).engine.check_health()
+        report = await _state(request).engine.check_health()
     except Exception as e:  # noqa: BLE001
         return error_response(OpenAIError(str(e), status=503, type="server_error", code="engine_dead"))
-    return web.Response(status=200)
+    # a data-parallel engine reports its replicas ({"status": "ok" | "degraded", ...}): still 200
+    return json_response(report) if report is not None else web.Response(status=200)
 
 
 async def metrics(request: web.Request) -> web.Response:
