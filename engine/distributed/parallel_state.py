@@ -12,10 +12,11 @@ import torch
 class TPGroup:
     rank: int = 0
     size: int = 1
+    group: object = None  # a torch.distributed subgroup (a pipeline stage's ranks); None: the whole world
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            torch.distributed.all_reduce(x)
+            torch.distributed.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -23,16 +24,16 @@ class TPGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, x.contiguous())
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
 
 _TP = TPGroup()
 
 
-def set_tp_group(rank: int, size: int) -> None:
+def set_tp_group(rank: int, size: int, group: object = None) -> None:
     global _TP
-    _TP = TPGroup(rank, size)
+    _TP = TPGroup(rank, size, group)
 
 
 def get_tp_group() -> TPGroup:

@@ -61,6 +61,13 @@ class UniProcExecutor(Executor):
 
 def make_executor(config: EngineConfig) -> Executor:
     backend = config.parallel.distributed_executor_backend
+    if config.parallel.pipeline_parallel_size > 1:
+        if backend not in (None, "ray"):
+            raise ValueError(f"pipeline_parallel_size > 1 runs its stages on Ray; distributed_executor_backend="
+                             f"{backend!r} cannot: use 'ray'")
+        from engine.pipeline.executor import PipelineRayExecutor
+
+        return PipelineRayExecutor(config)
     if config.parallel.tensor_parallel_size == 1 and backend in (None, "uni", "mp"):
         return UniProcExecutor(config)
     if backend == "ray":

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.errors import ModelNotFoundError
+from engine.errors import ModelNotFoundError, UnsupportedModelError
 from engine.layers.checkpoint import CheckpointSlice
 from engine.models.registry import get_model_class
 
@@ -40,8 +40,10 @@ def _param_target(model: nn.Module, name: str) -> tuple[str, Any]:
     return name, None
 
 
-def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> None:
-    """Copies each checkpoint tensor (this rank's slice of it) into the model's parameters."""
+def load_weights(model: nn.Module, path: Path, show_progress: bool = True,
+                 owns: Callable[[str], bool] | None = None) -> None:
+    """Copies each checkpoint tensor (this rank's slice of it) into the model's parameters.
+    ``owns`` (a pipeline stage's): tensors of parameters it does not own are skipped unread."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -60,6 +62,8 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
                 continue
             target, shard = _param_target(model, name)
             param = params.get(target)
+            if param is None and owns is not None and not owns(target):
+                continue  # another pipeline stage's
             if param is None:
                 logger.warning("checkpoint tensor %s has no matching parameter; ignored", name)
                 continue
@@ -132,8 +136,19 @@ def quantize_model(model: nn.Module, quantization: str | None) -> int:
 
 
 def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True,
-               quantization: str | None = None, gguf_file: Path | None = None) -> nn.Module:
+               quantization: str | None = None, gguf_file: Path | None = None, layer_range: Any = None) -> nn.Module:
+    """``layer_range`` (engine.pipeline.partition.LayerRange): build only a pipeline stage's part."""
     model = build_model(hf_config, dtype, device)
+    owns = None
+    if layer_range is not None:
+        from engine.pipeline.partition import partition_model
+
+        if quantization == "gguf":
+            raise UnsupportedModelError("pipeline parallelism loads safetensors checkpoints, not GGUF blocks; "
+                                        "convert the model, or use tensor parallelism")
+        partition_model(model, layer_range)
+        tied = bool(getattr(model, "tie_word_embeddings", False))
+        owns = lambda name: layer_range.owns(name, tied)  # noqa: E731
     if quantization == "gguf":  # weights read from the GGUF file, matmul weights kept as its blocks
         from engine.layers.quantization.gguf_loader import load_gguf_weights
 
@@ -141,7 +156,7 @@ def load_model(hf_config: Any, path: Path, dtype: torch.dtype, device: torch.dev
             raise ValueError("quantization='gguf' needs the .gguf file (ModelConfig.gguf_file)")
         load_gguf_weights(model, gguf_file, hf_config, device)
         return model
-    load_weights(model, path, show_progress)
+    load_weights(model, path, show_progress, owns)
     if quantization is not None:
         quantize_model(model, quantization)
     if device.type == "cpu" and not cpu_kernels_take_weights(dtype):

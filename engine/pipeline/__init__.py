@@ -1,0 +1,1 @@
+"""Pipeline parallelism: contiguous layer ranges as Ray actors (docs/ray.md)."""

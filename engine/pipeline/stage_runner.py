@@ -1,0 +1,69 @@
+"""The model runner of one pipeline stage.
+
+Every stage keeps the same request states and block tables (each holds the KV cache of its own
+layers, with the block ids the one scheduler hands out) and applies the same block copies; the
+scheduled tokens' positions and attention metadata are built on each stage from the same
+SchedulerOutput. Only the last stage samples; the earlier ones return the Intermediate their last
+layer produced, which the executor passes to the next stage.
+
+Decode-step replay (CUDA graphs, CPU kernel plans) records the whole model's pass and is off for
+stages; so are speculative decoding, LoRA and pooling (start-up errors, engine/pipeline/worker.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from engine.attention.metadata import attention_context
+from engine.config import EngineConfig
+from engine.pipeline.partition import LayerRange
+from engine.pipeline.stage_model import Intermediate, PipelineStageModel
+from engine.scheduler.output import SchedulerOutput
+from engine.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+
+class PipelineStageRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, device: torch.device, rng: LayerRange) -> None:
+        super().__init__(replace(config, enforce_eager=True), device)
+        self.rng = rng
+        self._received: Intermediate | None = None
+        self.busy_s = 0.0  # time spent computing steps (the benchmark's bubble measure)
+        self.num_steps = 0
+
+    def load_model(self, show_progress: bool = True) -> None:
+        from engine.attention.backends.selector import get_attention_backend
+        from engine.models.loader import load_model
+
+        mc = self.model_config
+        lm = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization,
+                        gguf_file=mc.gguf_file, layer_range=self.rng)
+        self.model = PipelineStageModel(lm, self.rng)
+        self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
+
+    def _forward(self, input_ids, positions, meta, so, lora_ctx=None) -> torch.Tensor:
+        """(The last stage, inside ModelRunner.execute.) The layers of this stage on what it received."""
+        with attention_context(meta):
+            return self.model(input_ids, positions, self._received)
+
+    @torch.inference_mode()
+    def execute_stage(self, so: SchedulerOutput, received: Intermediate | None) -> Intermediate | ModelRunnerOutput | None:
+        """The last stage: the step's ModelRunnerOutput; the others: the Intermediate for the next
+        (None when nothing was scheduled)."""
+        t0 = time.perf_counter()
+        try:
+            if self.rng.is_last:
+                self._received = received
+                return self.execute(so)
+            self._update_states(so)
+            self._apply_block_ops(so)
+            if so.is_empty:
+                return None
+            input_ids, positions, meta, _ = self._prepare(so)
+            with attention_context(meta):
+                return self.model(input_ids, positions, received)
+        finally:
+            self._received = None
+            self.busy_s += time.perf_counter() - t0
+            self.num_steps += 1

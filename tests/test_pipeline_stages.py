@@ -1,0 +1,96 @@
+"""Pipeline stages in one process (no Ray): layer ranges, what each stage holds and reads, and
+greedy tokens through 2 and 4 chained stages equal to the whole model's. The Ray executor runs the
+same stages as actors (tests/test_ray_multinode.py)."""
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.errors import UnsupportedModelError
+from engine.executor.base import Executor
+from engine.pipeline.partition import stage_layer_range
+from engine.pipeline.worker import PipelineWorker
+from tests.conftest import make_tiny_llama
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):\n    ", "List three prime numbers"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+class LocalPipelineExecutor(Executor):
+    """Every stage in this process, chained by hand: what PipelineRayExecutor does over Ray."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.workers = [PipelineWorker(config, rank=r) for r in range(config.parallel.pipeline_parallel_size)]
+
+    def collective_rpc(self, method: str, *args, **kwargs) -> list:
+        return [getattr(w, method)(*args, **kwargs) for w in self.workers]
+
+    def execute_model(self, so):
+        out = None
+        for w in self.workers:
+            out = w.execute_stage(so, out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory, default_model_path):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny4"), default_model_path, num_layers=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny4_tied(tmp_path_factory, default_model_path):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny4t"), default_model_path, num_layers=4,
+                           tie_word_embeddings=True, seed=4)
+
+
+def test_layer_ranges_and_divisibility():
+    assert [(r.start, r.end) for r in (stage_layer_range(30, 3, s) for s in range(3))] == [(0, 10), (10, 20), (20, 30)]
+    with pytest.raises(UnsupportedModelError, match=r"pipeline_parallel_size=4 does not divide the model's 30 layers.*\[1, 2, 3, 5, 6, 10, 15, 30\]"):
+        stage_layer_range(30, 4, 0)
+    with pytest.raises(UnsupportedModelError, match="pipeline_parallel_size=3 does not divide"):
+        stage_layer_range(2, 3, 0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny4", "tiny4_tied"])
+def test_chained_stages_equal_the_whole_model(fixture, request, monkeypatch):
+    path = str(request.getfixturevalue(fixture))
+    ref = LLM(path, num_gpu_blocks_override=64)
+    want = [list(o.outputs[0].token_ids) for o in ref.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    full_bytes = ref.llm_engine.executor.collective_rpc("weight_bytes")[0]
+    ref.shutdown()
+    monkeypatch.setattr("engine.core.llm_engine.make_executor", LocalPipelineExecutor)
+    for pp in (2, 4):
+        llm = LLM(path, pipeline_parallel_size=pp, num_gpu_blocks_override=64)
+        ex = llm.llm_engine.executor
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        assert got == want, f"pp={pp}"
+        # each stage holds its layers and KV cache only; together about the whole model
+        stage_bytes = ex.collective_rpc("weight_bytes")
+        assert all(b < full_bytes for b in stage_bytes)
+        layers = [len(w.runner.attention_layers()) for w in ex.workers]
+        assert layers == [4 // pp] * pp and len(ex.workers[0].runner.kv_caches) == 4 // pp
+        if fixture == "tiny4":  # untied: each matrix lives on exactly one stage
+            assert sum(stage_bytes) == full_bytes
+        stages = ex.collective_rpc("stage_timing")
+        assert [s for s, _, _ in stages] == list(range(pp)) and all(n > 0 for _, _, n in stages)
+        # a prompt-logprobs request runs through the last stage's full-model path too
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=2, prompt_logprobs=1, temperature=0), use_tqdm=False)
+        assert len(out[0].prompt_logprobs) == len(out[0].prompt_token_ids)
+        llm.shutdown()
+
+
+def test_features_stages_cannot_run_fail_at_start(tiny4):
+    from engine.config import EngineArgs
+    from engine.pipeline.worker import check_pipeline_config
+
+    cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=2, enable_lora=True).create_engine_config()
+    with pytest.raises(UnsupportedModelError, match="LoRA adapters does not run with pipeline_parallel_size=2"):
+        check_pipeline_config(cfg)
+    cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=3).create_engine_config()
+    with pytest.raises(UnsupportedModelError, match=r"does not divide the model's 4 layers.*\[1, 2, 4\]"):
+        check_pipeline_config(cfg)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be an integer >= 1"):
+        EngineArgs(model=str(tiny4), pipeline_parallel_size=0).validate()
+    with pytest.raises(ValueError, match="distributed_executor_backend='uni' runs one worker"):
+        EngineArgs(model=str(tiny4), pipeline_parallel_size=2, distributed_executor_backend="uni").validate()
