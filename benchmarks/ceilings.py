@@ -4,8 +4,8 @@
     python benchmarks/ceilings.py --model PATH    # any local model directory
 
 ``python -m engine bench throughput`` measures the same ceilings before and after the engine in
-one run and reports its figures as fractions of them. Importers (cpu_kernels.py, gguf.py,
-moe_decode.py) get the measuring functions from here.
+one run and reports its figures as fractions of them. Importers (cpu_kernels.py,
+gguf_quantized.py, moe_decode.py) get the measuring functions from here.
 """
 from __future__ import annotations
 

@@ -57,6 +57,11 @@ def run(ns: argparse.Namespace, report: Report) -> None:
         raise SystemExit("--decode-tokens must be >= 2")
     model_dir, gguf = model_paths(ns)
     requests = dataset_from(ns, model_dir)
+    unit = "tokens" if requests[0].prompt_token_ids else "words"
+    workload = (f"workload: {len(requests)} requests ({ns.dataset_name}, seed {ns.seed}), "
+                f"{sum(r.input_words for r in requests)} prompt {unit}, {sum(r.output_len for r in requests)} output tokens")
+    print(workload)
+    report.notes.append(workload)
     report.machine = machine_info(quiet(ns))
     before = _ceilings(ns, report, "before")
     llm = LLM(ns.model, **engine_kwargs(ns))
