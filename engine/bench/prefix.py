@@ -72,8 +72,9 @@ def run(ns: argparse.Namespace, report: Report) -> None:
                             f"{s['prefill_tokens_computed']} of {s['prompt_tokens']} prompt tokens computed; "
                             f"hit rate {s['hit_rate']:.1%}; {s['steps']} steps")
     e = report.engine
+    same = "identical" if e["greedy_outputs_equal"] else "DIFFER"
     report.notes.append(f"cache on is {e['speedup_total'] or 0:.2f}x faster in total and "
-                        f"{e['speedup_ttft_mean'] or 0:.2f}x in mean TTFT; greedy outputs {'identical' if e['greedy_outputs_equal'] else 'DIFFER'}")
+                        f"{e['speedup_ttft_mean'] or 0:.2f}x in mean TTFT; greedy outputs {same}")
     for peer in offline_peers(ns, model_dir, gguf, max_model_len):
         report.peers.append(peer.measure(requests, settle=lambda: quiet(ns)))
     report.extra["samples"] = {"ttft_s_cache_on": on.ttft_s, "ttft_s_cache_off": off.ttft_s,

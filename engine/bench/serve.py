@@ -177,7 +177,7 @@ def _start_peer(name: str, ns, model_dir: str, gguf: str | None, max_model_len: 
         if reason is not None:
             return PeerResult("vLLM CPU", "", ran=False, reason=reason)
         quiet(ns)
-        return start_vllm_server(offline.python, model_dir, max_model_len, log_dir)
+        return start_vllm_server(offline.python, model_dir, max_model_len, log_dir, offline.version)
     binary = llama_server_binary()
     if binary is None:
         return PeerResult("llama.cpp server", "", ran=False,

