@@ -59,13 +59,37 @@ def create_store(init_method: str, rank: int, world_size: int) -> torch.distribu
     if not init_method.startswith("tcp://"):
         raise ValueError(f"distributed init method must be file:// or tcp://, got {init_method!r}")
     host, _, port = init_method[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
     try:
-        return torch.distributed.TCPStore(
-            host.strip("[]"), int(port), world_size, rank == 0, timeout=dist_timeout(), wait_for_workers=False
-        )
+        if rank != 0:
+            return torch.distributed.TCPStore(host, int(port), world_size, False, timeout=dist_timeout())
+        # rank 0 listens on its own address only: TCPStore alone would bind every interface
+        sock = _listen_socket(host, int(port))
+        store = torch.distributed.TCPStore(host, sock.getsockname()[1], world_size, True, timeout=dist_timeout(),
+                                           wait_for_workers=False, master_listen_fd=sock.fileno())
+        _LISTENING.append(sock)  # the store serves on this fd: keep the socket object alive
+        return store
     except (RuntimeError, OSError) as e:  # torch raises DistNetworkError (a RuntimeError)
         what = f"listen on port {port}" if rank == 0 else f"reach rank 0 at {host}:{port}"
         raise EngineStartupError(f"tensor-parallel rank {rank} could not {what}: {e}") from e
+
+
+_LISTENING: list = []  # rank 0's rendezvous sockets, closed by destroy_distributed
+
+
+def _listen_socket(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(256)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def init_distributed(store: torch.distributed.Store, rank: int, world_size: int, backend: str) -> None:
@@ -77,3 +101,5 @@ def destroy_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     set_tp_group(0, 1)
+    while _LISTENING:
+        _LISTENING.pop().close()
