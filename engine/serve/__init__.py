@@ -1,0 +1,1 @@
+"""Ray Serve deployment of the OpenAI server (optional extra: pip install -e ".[serve]"); see deployment.py."""
