@@ -4,9 +4,10 @@
     python benchmarks/cpu_kernels.py --quick
 
 - matmuls: the 120 linear layers of one step (30 x qkv 960x576, o 576x576, gate_up 3072x576, down
-  576x1536) and the 49,152 x 576 LM head, for 1..192 rows: the C kernel (row-major weights) against
-  torch's ``F.linear`` with the column-major weights the engine gives it when the kernel is off; GB/s
-  of weights streamed at one row, GFLOP/s at more;
+  576x1536) and the 49,152 x 576 LM head, for 1..2048 rows: the packed GEMM the engine uses
+  (fp32_gemm.c) against the row-major C kernel it replaced and torch's ``F.linear`` with the
+  column-major weights the engine gives it when the kernels are off; GB/s of weights streamed at one
+  row, GFLOP/s at more;
 - decode attention over a paged cache (9 query / 3 KV heads of 64, 30 layers): the C kernel against
   the torch backend (gather each request's blocks, then SDPA), and the KV bytes it reads per second;
 - read bandwidth and the fp32 2048^3 matmul rate measured in the same run, as the ceilings.
@@ -32,21 +33,24 @@ def bench_matmuls(kernels, rows: list[int], repeats: int) -> None:
     torch.manual_seed(0)
     layers = [torch.randn(n, k) for _ in range(30) for n, k in LAYER_SHAPES]
     layers_cm = [w.t().contiguous().t() for w in layers]
+    packed = [kernels.pack(w) for w in layers]
     head = torch.randn(49152, 576)
-    head_cm = head.t().contiguous().t()
+    head_cm, head_packed = head.t().contiguous().t(), kernels.pack(head)
     layer_bytes = sum(w.numel() * 4 for w in layers)
-    print(f"\n{'rows':>5s} | {'120 layers: torch':>18s} {'C':>9s} {'C x':>6s} | {'LM head: torch':>15s} {'C':>9s} {'C x':>6s}"
-          f" | C at this size")
+    print(f"\n{'rows':>5s} | {'120 layers: torch':>18s} {'row-major C':>12s} {'packed':>9s} {'vs torch':>8s} {'vs C':>6s}"
+          f" | {'LM head: torch':>15s} {'packed':>9s} {'vs torch':>8s} | packed at this size")
     for m in rows:
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
-        t_torch = best_time(lambda: [F.linear(xs[w.shape[1]], w) for w in layers_cm], repeats)
-        t_c = best_time(lambda: [kernels.linear(xs[w.shape[1]], w) for w in layers], repeats)
-        h_torch = best_time(lambda: F.linear(xs[576], head_cm), repeats)
-        h_c = best_time(lambda: kernels.linear(xs[576], head), repeats)
+        r = 1 if m >= 512 else repeats
+        t_torch = best_time(lambda: [F.linear(xs[w.shape[1]], w) for w in layers_cm], r)
+        t_c = best_time(lambda: [kernels.linear(xs[w.shape[1]], w) for w in layers], r)
+        t_p = best_time(lambda: [kernels.gemm_packed(xs[w.shape[1]], p, w.shape[0]) for w, p in zip(layers, packed)], r)
+        h_torch = best_time(lambda: F.linear(xs[576], head_cm), r)
+        h_p = best_time(lambda: kernels.gemm_packed(xs[576], head_packed, 49152), r)
         flops = 2 * m * layer_bytes / 4
-        rate = f"{layer_bytes / t_c / 1e9:5.1f} GB/s of weights" if m == 1 else f"{flops / t_c / 1e9:5.0f} GFLOP/s"
-        print(f"{m:5d} | {t_torch * 1e3:15.2f} ms {t_c * 1e3:6.2f} ms {t_torch / t_c:5.2f}x | "
-              f"{h_torch * 1e3:12.2f} ms {h_c * 1e3:6.2f} ms {h_torch / h_c:5.2f}x | {rate}")
+        rate = f"{layer_bytes / t_p / 1e9:5.1f} GB/s of weights" if m == 1 else f"{flops / t_p / 1e9:5.0f} GFLOP/s"
+        print(f"{m:5d} | {t_torch * 1e3:15.2f} ms {t_c * 1e3:9.2f} ms {t_p * 1e3:6.2f} ms {t_torch / t_p:7.2f}x "
+              f"{t_c / t_p:5.2f}x | {h_torch * 1e3:12.2f} ms {h_p * 1e3:6.2f} ms {h_torch / h_p:7.2f}x | {rate}")
 
 
 def bench_attention(kernels, configs: list[tuple[int, int]], repeats: int) -> None:
@@ -102,7 +106,7 @@ def main() -> None:
     print(f"{kernels.isa} build, {torch.get_num_threads()} threads; ceilings in this run: read {c.read_gbps:.1f} GB/s, "
           f"fp32 matmul {c.fp32_gflops:.0f} GFLOP/s")
     repeats = 2 if args.quick else 5
-    bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192], repeats)
+    bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512, 2048], repeats)
     bench_attention(kernels, [(1, 512), (64, 256)] if args.quick else [(1, 128), (1, 2048), (16, 512), (64, 256),
                                                                        (64, 512)], repeats)
 

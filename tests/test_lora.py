@@ -67,6 +67,10 @@ def test_mixed_batch_matches_peft(tiny_model_path, adapters):
     llm = LLM(str(tiny_model_path), enable_lora=True, max_loras=4, max_lora_rank=16, num_gpu_blocks_override=128)
     outs = llm.generate(ps, GREEDY, use_tqdm=False, lora_request=[lreq(adapters, n) for n in names])
     check_against_peft(tiny_model_path, adapters, outs, ps, names)
+    # on CPU the decode steps that mixed adapters and base rows replayed kernel plans with the LoRA kernel
+    runner = llm.llm_engine.executor.worker.runner
+    assert runner.graph_runner is not None and runner.graph_runner.max_loras == 4
+    assert runner.graph_runner.num_replays > 0
     # the adapters change the output (a zero B would pass the comparison trivially)
     base = llm.generate(ps[:4], GREEDY, use_tqdm=False)
     for i in (0, 1, 3):

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear, copy_heads)
+from engine.kernels.cpu.ops import fp32_cpu_kernels
 from engine.layers.quantization.base import LinearMethod
 from engine.lora.adapter import TARGET_MODULES, LoRAWeights
 from engine.lora.ops import LoRABatch, add_lora
@@ -27,9 +28,16 @@ from engine.lora.ops import LoRABatch, add_lora
 
 @dataclass
 class LoRAContext:
-    """One step's adapter rows (engine/lora/ops.py's LoRABatch: slots, gather and scatter indices)."""
+    """One step's adapter rows (engine/lora/ops.py's LoRABatch: slots, gather and scatter indices).
+    ``row_slot`` ([rows] int32, -1: the base model) is what the fp32 CPU kernel reads; a kernel plan
+    records its own static buffer here (``batch`` None) and refills it every replay."""
 
-    batch: LoRABatch
+    batch: LoRABatch | None
+    row_slot: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_slot is None and self.batch is not None:
+            self.row_slot = self.batch.row_slot
 
 
 _CURRENT: LoRAContext | None = None
@@ -65,6 +73,14 @@ class LoRALinearMethod(LinearMethod):
         n = len(modules)
         self.lora_a = torch.zeros(max_loras, n * max_rank, layer.in_features, dtype=dtype, device=w.device)
         self.lora_b = torch.zeros(max_loras, sum(self.out_sizes), n * max_rank, dtype=dtype, device=w.device)
+        # fp32 on CPU: every slot's A and B also packed for the C kernel (fp32_gemm.c's f32_lora_add)
+        self.kernels = fp32_cpu_kernels(self.lora_a)
+        if self.kernels is not None and not self.kernels.has_gemm:
+            self.kernels = None
+        self.a_packed = self.b_packed = None
+        if self.kernels is not None:
+            self.a_packed = torch.stack([self.kernels.pack(self.lora_a[s]) for s in range(max_loras)])
+            self.b_packed = torch.stack([self.kernels.pack(self.lora_b[s]) for s in range(max_loras)])
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.base.process_weights_after_loading(layer)
@@ -72,7 +88,11 @@ class LoRALinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = self.base.apply(layer, x)
         ctx = _CURRENT
-        if ctx is not None:
+        if ctx is None:
+            return out
+        if self.kernels is not None and ctx.row_slot is not None and x.dtype == torch.float32 and x.stride(1) == 1:
+            return self.kernels.lora_add(out, x, ctx.row_slot, self.a_packed, self.lora_a.shape[1], self.b_packed)
+        if ctx.batch is not None:
             add_lora(out, x.to(self.lora_a.dtype), self.lora_a, self.lora_b, ctx.batch)
         return out
 
@@ -89,6 +109,9 @@ class LoRALinearMethod(LinearMethod):
                 a[s * R : s * R + r].copy_(la)
                 b[off : off + size, s * R : s * R + r].copy_(lb)
             off += size
+        if self.kernels is not None:
+            self.a_packed[slot].copy_(self.kernels.pack(a))
+            self.b_packed[slot].copy_(self.kernels.pack(b))
 
 
 def _local_out_sizes(layer: LinearBase, n: int) -> list[int]:

@@ -36,6 +36,7 @@ class LoRABatch:
     inv: torch.Tensor | None = None
     has_base_rows: bool = False
     slot_index: torch.Tensor | None = None  # the slots as a tensor, when they are not consecutive
+    row_slot: torch.Tensor | None = None  # [rows] int32: each row's slot, -1 for the base model (the C path)
 
     @classmethod
     def build(cls, slot_of_row: list[int], device: torch.device) -> "LoRABatch | None":
@@ -47,9 +48,10 @@ class LoRABatch:
         if not groups:
             return None
         slots = sorted(groups)
+        row_slot = torch.tensor(slot_of_row, dtype=torch.int32, device=device)
         n_lora = sum(len(g) for g in groups.values())
         if len(slots) == 1 and n_lora == len(slot_of_row):
-            return cls(slots)
+            return cls(slots, row_slot=row_slot)
         m = max(len(g) for g in groups.values())
         perm: list[int] = []
         inv = [len(slots) * m] * len(slot_of_row)
@@ -61,7 +63,7 @@ class LoRABatch:
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         return cls(slots, m, torch.tensor(perm, dtype=torch.int64, device=device),
                    torch.tensor(inv, dtype=torch.int64, device=device), n_lora < len(slot_of_row),
-                   None if consecutive else torch.tensor(slots, dtype=torch.int64, device=device))
+                   None if consecutive else torch.tensor(slots, dtype=torch.int64, device=device), row_slot)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

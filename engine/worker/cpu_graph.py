@@ -7,8 +7,12 @@ model's forward pass over static input buffers (the kernels run while they are r
 steps of that size copy their inputs into the buffers, look up the token embeddings and replay the
 whole pass with one C call (engine/kernels/cpu/plan.py).
 
-A plan is trusted only after a check: for fresh random tokens, a replay must give the same bits as
-an eager pass. A bucket whose pass has anything but recorded kernels in it (a torch fallback, e.g.
+With LoRA enabled the plans include the adapter delta: every LoRA layer's C kernel
+(engine/kernels/cpu/fp32_gemm.c's f32_lora_add) reads each row's slot from a static buffer that a
+replay refills, so steps mixing adapters and base rows replay like any other.
+
+A plan is trusted only after a check: for fresh random tokens (and random adapter slots), a replay
+must give the same bits as an eager pass. A bucket whose pass has anything but recorded kernels in it (a torch fallback, e.g.
 torch's GEMM for batches past the C matmul's range, or a tensor-parallel all-reduce) fails the
 check and runs eagerly from then on. The LM head and sampling stay outside, on the real rows.
 """
@@ -21,6 +25,7 @@ import torch
 from engine.attention.metadata import attention_context
 from engine.kernels.cpu.ops import CpuFp32Kernels
 from engine.kernels.cpu.plan import KernelPlan, PlanArena, recording
+from engine.lora.layers import LoRAContext, lora_context
 from engine.worker.cuda_graph import StaticDecodeInputs, bucket_for
 
 logger = logging.getLogger(__name__)
@@ -40,7 +45,7 @@ class CpuGraphRunner:
     """Records (lazily, per bucket) and replays the model's decode forward pass as kernel plans."""
 
     def __init__(self, model: torch.nn.Module, kernels: CpuFp32Kernels, max_num_seqs: int, max_model_len: int,
-                 block_size: int) -> None:
+                 block_size: int, max_loras: int = 0) -> None:
         from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 
         self.model = model
@@ -58,6 +63,9 @@ class CpuGraphRunner:
         self.arena = PlanArena(self.sizes[-1])  # activations shared by all buckets' plans
         self.plans: dict[int, DecodePlan | None] = {}  # None: the bucket failed its check
         self.num_replays = 0
+        # LoRA: each row's adapter slot (-1: the base model), read by the plans' LoRA kernels
+        self.max_loras = max_loras
+        self.lora_rows = torch.full((self.sizes[-1],), -1, dtype=torch.int32) if max_loras else None
 
     def bucket(self, num_reqs: int) -> int | None:
         """The bucket a pure-decode step of ``num_reqs`` requests replays, recording it on first use;
@@ -71,8 +79,9 @@ class CpuGraphRunner:
 
     def _eager(self, size: int, ids: torch.Tensor, hook=None) -> torch.Tensor:
         handle = self.embed.register_forward_hook(hook) if hook is not None else None
+        lora = LoRAContext(None, self.lora_rows[:size]) if self.lora_rows is not None else None
         try:
-            with attention_context(self.inputs.metadata(size, self.block_size, self.max_model_len)):
+            with attention_context(self.inputs.metadata(size, self.block_size, self.max_model_len)), lora_context(lora):
                 return self.model(ids, self.inputs.positions[:size])
         finally:
             if handle is not None:
@@ -92,9 +101,13 @@ class CpuGraphRunner:
         plan.keep(seen[0], hidden)
         # the check: fresh tokens through an eager pass and through the plan must agree bit for bit
         ids = torch.randint(0, self.embed.shard_size, (size,), dtype=torch.int64)
+        if self.lora_rows is not None:  # (with rows on random slots; an empty slot adds zeros)
+            self.lora_rows[:size].copy_(torch.randint(-1, self.max_loras, (size,), dtype=torch.int32))
         expected = self._eager(size, ids).clone()
         self.inputs.input_ids[:size].copy_(ids)
         self._replay(decode, size)
+        if self.lora_rows is not None:
+            self.lora_rows.fill_(-1)
         if not torch.equal(decode.hidden, expected):
             logger.info("decode steps of %d requests run eagerly: their pass is not all C kernels", size)
             return None
@@ -106,13 +119,20 @@ class CpuGraphRunner:
         decode.plan.replay()
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """Hidden states of a pure-decode step ([n, hidden]) by plan replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, lora: LoRAContext | None = None) -> torch.Tensor:
+        """Hidden states of a pure-decode step ([n, hidden]) by plan replay; ``lora``: the step's
+        adapter rows (None: every row on the base model)."""
         n = input_ids.shape[0]
         size = self.bucket(n)
         if size is None or meta.num_decodes != n:
             raise ValueError(f"no kernel plan for a decode step of {n} requests")
+        if lora is not None and self.lora_rows is None:
+            raise ValueError("this runner's plans were recorded without LoRA")
         self.inputs.fill(n, size, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        if self.lora_rows is not None:
+            self.lora_rows.fill_(-1)
+            if lora is not None:
+                self.lora_rows[:n].copy_(lora.row_slot)
         decode = self.plans[size]
         self._replay(decode, size)
         self.num_replays += 1

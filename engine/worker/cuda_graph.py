@@ -102,6 +102,8 @@ class StaticDecodeInputs:
 class CUDAGraphRunner:
     """Captures and replays the model's decode forward pass for bucketed batch sizes."""
 
+    max_loras = 0  # graphs hold no LoRA delta: a step with adapter rows runs eagerly
+
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device) -> None:
         if device.type != "cuda":
@@ -136,7 +138,7 @@ class CUDAGraphRunner:
     def bucket(self, num_reqs: int) -> int | None:
         return bucket_for(num_reqs, self.sizes) if self.graphs else None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, lora=None) -> torch.Tensor:
         """Hidden states of a pure-decode step ([n, hidden]) by graph replay."""
         n = input_ids.shape[0]
         bucket = self.bucket(n)

@@ -16,11 +16,15 @@ logger = logging.getLogger(__name__)
 
 
 class StepGraphRunner(Protocol):
+    max_loras: int  # > 0: replays carry LoRA rows (CPU plans); 0: a step with adapter rows runs eagerly
+
     def bucket(self, num_reqs: int) -> int | None:
         """The padded batch size a pure-decode step of ``num_reqs`` requests replays, or None."""
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states ``[num_reqs, hidden]`` of a pure-decode step, by replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            lora=None) -> torch.Tensor:
+        """Hidden states ``[num_reqs, hidden]`` of a pure-decode step, by replay (``lora``: the step's
+        LoRAContext, only where ``max_loras`` > 0)."""
 
 
 def make_step_graph_runner(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend,
@@ -42,5 +46,6 @@ def make_step_graph_runner(config: EngineConfig, model: torch.nn.Module, backend
     if backend.step_replay is StepReplay.KERNEL_PLAN and device.type == "cpu":
         from engine.worker.cpu_graph import CpuGraphRunner
 
-        return CpuGraphRunner(model, backend.kernels, sc.max_num_seqs, max_len, bs)
+        lora = config.lora_config.max_loras if getattr(config, "lora_config", None) is not None else 0
+        return CpuGraphRunner(model, backend.kernels, sc.max_num_seqs, max_len, bs, lora)
     return None

@@ -223,8 +223,8 @@ class ModelRunner:
         """Hidden states of every scheduled token: a replayed graph for pure-decode steps, else eager."""
         gr = self.graph_runner
         if (gr is not None and meta.num_decodes == meta.num_requests and not so.spec_token_ids
-                and lora_ctx is None and gr.bucket(meta.num_requests) is not None):  # (plans hold no LoRA delta)
-            return gr.run(input_ids, positions, meta)
+                and (lora_ctx is None or gr.max_loras) and gr.bucket(meta.num_requests) is not None):
+            return gr.run(input_ids, positions, meta, lora_ctx)
         with attention_context(meta), lora_context(lora_ctx):
             return self.model(input_ids, positions)
 

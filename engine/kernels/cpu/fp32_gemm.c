@@ -226,3 +226,38 @@ void f32_gemm_packed_a(const int64_t *a) {
     f32_gemm_packed(P(0, const float *), a[1], a[2], a[3], P(4, const float *), a[5], P(6, const float *),
                     P(7, float *), a[8]);
 }
+
+/* ---- LoRA: out[m] += (x[m] @ A[s].T) @ B[s].T for every row m on slot s = row_slot[m] >= 0 -------
+ * A[s] [R, K] and B[s] [N, R] packed like weights (a_packed + s * a_stride, b_packed + s * b_stride).
+ * Each slot's rows are gathered, shrunk and expanded by the packed GEMM (every adapter's matrices
+ * read once per call however many rows use it), then added back; a row's delta depends on that
+ * row alone. scratch: M * (K + R + N) floats. */
+void f32_lora_add(const float *x, int64_t M, int64_t K, int64_t ldx, const int32_t *row_slot, int64_t S,
+                  const float *a_packed, int64_t R, const float *b_packed, int64_t N, float *scratch, float *out,
+                  int64_t ldo) {
+    const int64_t a_stride = (R + NR - 1) / NR * K * NR, b_stride = (N + NR - 1) / NR * R * NR;
+    float *xs = scratch, *ts = xs + M * K, *ds = ts + M * R;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t n = 0;
+        for (int64_t m = 0; m < M; m++)
+            if (row_slot[m] == s) n++;
+        if (n == 0) continue;
+        int64_t i = 0;
+        for (int64_t m = 0; m < M; m++) /* gather, in row order */
+            if (row_slot[m] == s) memcpy(xs + (i++) * K, x + m * ldx, (size_t)K * sizeof(float));
+        f32_gemm_packed(xs, n, K, K, a_packed + s * a_stride, R, NULL, ts, R);
+        f32_gemm_packed(ts, n, R, R, b_packed + s * b_stride, N, NULL, ds, N);
+        i = 0;
+        for (int64_t m = 0; m < M; m++) {
+            if (row_slot[m] != s) continue;
+            float *o = out + m * ldo;
+            const float *d = ds + (i++) * N;
+            for (int64_t j = 0; j < N; j++) o[j] += d[j];
+        }
+    }
+}
+
+void f32_lora_add_a(const int64_t *a) {
+    f32_lora_add(P(0, const float *), a[1], a[2], a[3], P(4, const int32_t *), a[5], P(6, const float *), a[7],
+                 P(8, const float *), a[9], P(10, float *), P(11, float *), a[12]);
+}

@@ -68,6 +68,9 @@ class CpuFp32Kernels:
             fn = gemm.f32_gemm_packed
             fn.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64]
             self._fn["f32_gemm_packed"] = (fn, function_address(gemm.f32_gemm_packed_a))
+            fn = gemm.f32_lora_add
+            fn.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _p, _p, _i64]
+            self._fn["f32_lora_add"] = (fn, function_address(gemm.f32_lora_add_a))
         lib.f32_run_plan.argtypes = [_i64, _p, _p, _p, _p]
         self.run_plan = lib.f32_run_plan
         self.lib, self.path = lib, path
@@ -109,6 +112,18 @@ class CpuFp32Kernels:
         self._call("f32_gemm_packed", (x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n,
                                        0 if bias is None else bias.data_ptr(), y.data_ptr(), n), (x, y))
         return y
+
+    def lora_add(self, out: torch.Tensor, x: torch.Tensor, row_slot: torch.Tensor, a_packed: torch.Tensor,
+                 rank: int, b_packed: torch.Tensor) -> torch.Tensor:
+        """``out[m] += (x[m] @ A[s].T) @ B[s].T`` for every row m on slot ``s = row_slot[m] >= 0`` (int32),
+        A[s] [rank, K] and B[s] [N, rank] packed by :meth:`pack` into ``a_packed[s]`` / ``b_packed[s]``."""
+        m, k = x.shape
+        n = out.shape[1]
+        scratch = empty(m, k + rank + n)
+        self._call("f32_lora_add", (x.data_ptr(), m, k, x.stride(0), row_slot.data_ptr(), a_packed.shape[0],
+                                    a_packed.data_ptr(), rank, b_packed.data_ptr(), n, scratch.data_ptr(),
+                                    out.data_ptr(), out.stride(0)), (x, row_slot, scratch, out))
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
