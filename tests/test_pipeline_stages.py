@@ -38,12 +38,6 @@ def tiny4(tmp_path_factory, default_model_path):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny4"), default_model_path, num_layers=4, seed=3)
 
 
-@pytest.fixture(scope="module")
-def tiny4_tied(tmp_path_factory, default_model_path):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny4t"), default_model_path, num_layers=4,
-                           tie_word_embeddings=True, seed=4)
-
-
 def test_layer_ranges_and_divisibility():
     assert [(r.start, r.end) for r in (stage_layer_range(30, 3, s) for s in range(3))] == [(0, 10), (10, 20), (20, 30)]
     with pytest.raises(UnsupportedModelError, match=r"pipeline_parallel_size=4 does not divide the model's 30 layers.*\[1, 2, 3, 5, 6, 10, 15, 30\]"):
@@ -52,15 +46,18 @@ def test_layer_ranges_and_divisibility():
         stage_layer_range(2, 3, 0)
 
 
-@pytest.mark.parametrize("fixture", ["tiny4", "tiny4_tied"])
-def test_chained_stages_equal_the_whole_model(fixture, request, monkeypatch):
+@pytest.mark.parametrize("fixture, sizes", [("tiny4", (2, 4)), ("default_model_path", (2,))])
+def test_chained_stages_equal_the_whole_model(fixture, sizes, request, monkeypatch):
+    """The tiny 4-layer model (untied) in 2 and 4 stages; SmolLM2 (30 layers, tied embeddings: the
+    last stage keeps the embedding as its LM head) in 2."""
     path = str(request.getfixturevalue(fixture))
     ref = LLM(path, num_gpu_blocks_override=64)
     want = [list(o.outputs[0].token_ids) for o in ref.generate(PROMPTS, GREEDY, use_tqdm=False)]
     full_bytes = ref.llm_engine.executor.collective_rpc("weight_bytes")[0]
+    num_layers = ref.llm_engine.config.model.num_layers
     ref.shutdown()
     monkeypatch.setattr("engine.core.llm_engine.make_executor", LocalPipelineExecutor)
-    for pp in (2, 4):
+    for pp in sizes:
         llm = LLM(path, pipeline_parallel_size=pp, num_gpu_blocks_override=64)
         ex = llm.llm_engine.executor
         got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
@@ -69,9 +66,12 @@ def test_chained_stages_equal_the_whole_model(fixture, request, monkeypatch):
         stage_bytes = ex.collective_rpc("weight_bytes")
         assert all(b < full_bytes for b in stage_bytes)
         layers = [len(w.runner.attention_layers()) for w in ex.workers]
-        assert layers == [4 // pp] * pp and len(ex.workers[0].runner.kv_caches) == 4 // pp
+        assert layers == [num_layers // pp] * pp and len(ex.workers[0].runner.kv_caches) == num_layers // pp
         if fixture == "tiny4":  # untied: each matrix lives on exactly one stage
             assert sum(stage_bytes) == full_bytes
+        else:  # tied: the embedding is on both ends (the first stage's input, the last one's LM head)
+            embed = ref.llm_engine.config.model.vocab_size * 576 * 4
+            assert sum(stage_bytes) == full_bytes + embed and max(stage_bytes) < 0.65 * full_bytes
         stages = ex.collective_rpc("stage_timing")
         assert [s for s, _, _ in stages] == list(range(pp)) and all(n > 0 for _, _, n in stages)
         # a prompt-logprobs request runs through the last stage's full-model path too

@@ -83,23 +83,6 @@ def test_impossible_layouts_fail_at_start_naming_the_fix(attached, tiny_model_pa
     assert time.monotonic() - t0 < 30
 
 
-def test_pipeline_stages_on_different_nodes_equal_one_worker(attached, tiny_model_path):
-    import ray
-
-    want = reference(tiny_model_path)
-    llm = LLM(str(tiny_model_path), pipeline_parallel_size=2, **ARGS)
-    try:
-        ex = llm.llm_engine.executor
-        assert len({w.node_id for w in ex.workers}) == 2, "STRICT_SPREAD: one stage per node"
-        got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-        assert got == want
-        timing = ex.stage_timing()
-        assert [s for s, _, _ in timing] == [0, 1] and all(busy > 0 for _, busy, _ in timing)
-        assert ray.cluster_resources().get("CPU") == NODES
-    finally:
-        llm.shutdown()
-
-
 def test_tp2_x_pp2_on_four_nodes_equals_one_worker(attached, tiny_model_path):
     want = reference(tiny_model_path)
     llm = LLM(str(tiny_model_path), tensor_parallel_size=2, pipeline_parallel_size=2, **ARGS)
@@ -109,24 +92,12 @@ def test_tp2_x_pp2_on_four_nodes_equals_one_worker(attached, tiny_model_path):
         assert ex._init_method().startswith("tcp://127.0.0.1:"), "ranks on several nodes meet over TCP, on loopback"
         got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         assert got == want
+        timing = ex.stage_timing()  # (stage, busy s, steps) per rank: both stages computed every step
+        assert [s for s, _, _ in timing] == [0, 0, 1, 1] and len({n for _, _, n in timing}) == 1
         # every socket this cluster and its workers (gloo, the TCP store) listen on is loopback
         socks = listeners_of_cluster()
         assert socks, "the cluster's processes were found"
         wild = [s for s in socks if s[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
         assert wild == [], f"listening beyond loopback: {wild}"
-    finally:
-        llm.shutdown()
-
-
-def test_smollm2_pipeline_across_nodes_equals_pp1(attached, default_model_path):
-    prompts = PROMPTS[:2]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    want = reference(default_model_path, prompts, params)
-    llm = LLM(pipeline_parallel_size=2, **ARGS, max_model_len=512)
-    try:
-        bytes_per_stage = llm.llm_engine.executor.weight_bytes()
-        assert all(b < 0.7 * 538_060_032 for b in bytes_per_stage), bytes_per_stage
-        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-        assert got == want
     finally:
         llm.shutdown()

@@ -231,6 +231,15 @@ class DPAsyncEngine(EngineClient):
         """The replicas' stats added up (each as of its last refresh, about a second old at most)."""
         return sum_stats([r.stats for r in self.replicas if r.stats is not None])
 
+    async def refresh_stats(self) -> None:
+        """Fetches every live replica's stats now (``get_stats`` reads what the pumps last fetched,
+        up to about a second old)."""
+        up = [r for r in self.replicas if r.state == "up"]
+        results = await asyncio.gather(*(r.actor.stats.remote() for r in up), return_exceptions=True)
+        for r, st in zip(up, results):
+            if not isinstance(st, BaseException):
+                r.stats = st
+
     async def check_health(self) -> dict | None:
         """EngineDeadError unless some replica is up; with some down, a "degraded" report (the
         server answers it with 200 and this body)."""

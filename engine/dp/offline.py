@@ -91,6 +91,8 @@ class DPOfflineEngine:
                 return outs
 
     def get_stats(self) -> EngineStats:
+        """The replicas' stats added up, as of now."""
+        self._call(self.client.refresh_stats())
         return self.client.get_stats()
 
     # what beam search reads (engine/entrypoints/beam_search.py)
