@@ -2,7 +2,9 @@
 module. ``LLM(data_parallel_size=2)`` equals one engine (SmolLM2's golden prompts, seeded sampling);
 ``python -m engine serve --data-parallel-size 2`` (attached to the module's cluster through
 RAY_ADDRESS) serves the OpenAI routes with prefix-aware routing in /metrics, and a replica killed
-mid-stream fails only its own request, shows as degraded in /health and comes back."""
+mid-stream fails only its own request, shows as degraded in /health and comes back. Then the Ray
+Serve deployment runs on the same cluster with ``serve.run`` (Serve's HTTP proxy on 127.0.0.1 and a
+free port) and answers the official openai client."""
 from __future__ import annotations
 
 import json
@@ -10,12 +12,15 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from engine import LLM, SamplingParams
 from engine.errors import EngineStartupError
-from tests.server.conftest import http, spawn_server, stop_server
+from tests.server.conftest import free_port, http, spawn_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +60,18 @@ def test_smollm2_dp2_equals_dp1(ray_cluster, default_model_path):
 
     seeded = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=11, n=2, ignore_eos=True,
                             logprobs=2, stop=["\n\n"], repetition_penalty=1.1)
-    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     args = dict(num_gpu_blocks_override=96, max_model_len=1024)
-    ref = LLM(**args)
-    prompts = [{"prompt_token_ids": ids} for ids in golden_prompt_ids(ref.get_tokenizer())]
-    want = [list(o.outputs[0].token_ids) for o in ref.generate(prompts, greedy, use_tqdm=False)]
-    want_s = ref.generate(PROMPTS, seeded, use_tqdm=False)
-    ref.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each replica runs (one CPU each)
+    try:
+        ref = LLM(**args)
+        prompts = [{"prompt_token_ids": ids} for ids in golden_prompt_ids(ref.get_tokenizer())]
+        want = [list(o.outputs[0].token_ids) for o in ref.generate(prompts, greedy, use_tqdm=False)]
+        want_s = ref.generate(PROMPTS, seeded, use_tqdm=False)
+        ref.shutdown()
+    finally:
+        torch.set_num_threads(threads)
     with LLM(data_parallel_size=2, **args) as llm:
         outs = llm.generate(prompts, greedy, use_tqdm=False, priority=[i % 2 for i in range(len(prompts))])
         got_s = llm.generate(PROMPTS, seeded, use_tqdm=False)
@@ -73,7 +83,7 @@ def test_smollm2_dp2_equals_dp1(ray_cluster, default_model_path):
     assert [[c.token_ids for c in o.outputs] for o in got_s] == [[c.token_ids for c in o.outputs] for o in want_s]
     assert [[c.text for c in o.outputs] for o in got_s] == [[c.text for c in o.outputs] for o in want_s]
     assert min(router.routed) >= 4, f"both replicas served: {router.routed}"
-    assert stats.generation_tokens_total >= len(prompts) * 12 and stats.kv_cache.kv_blocks_total == 2 * 96
+    assert stats.generation_tokens_total >= len(prompts) * 8 and stats.kv_cache.kv_blocks_total == 2 * 96
     assert report["status"] == "ok" and len({r["pid"] for r in report["replicas"]}) == 2
     wait_cpus_free(ray_cluster)
 
@@ -181,7 +191,7 @@ def test_killed_replica_fails_only_its_request_and_rejoins(dp_server):
     def run(name: str) -> None:
         text = ""
         try:
-            for ch in c.completions.create(model=MODEL_NAME, prompt=f"{name}:", max_tokens=1800, temperature=0,
+            for ch in c.completions.create(model=MODEL_NAME, prompt=f"{name}:", max_tokens=600, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True}):
                 text += ch.choices[0].text if ch.choices else ""
                 results[name + "_started"] = True
@@ -226,3 +236,79 @@ def test_killed_replica_fails_only_its_request_and_rejoins(dp_server):
     assert metric(text, "vllm:dp_replica_restarts_total", engine="0") == 1
     assert metric(text, "vllm:dp_replica_up", engine="0") == 1
     assert json.loads(json.dumps(health))  # the report is plain JSON
+
+
+# ---- the Ray Serve deployment (engine/serve/deployment.py), on the same cluster -----------------
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "serve_config.yaml"
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_cluster, tiny_model_path):
+    from ray import serve
+
+    from engine.serve.deployment import build_app
+
+    app_cfg = yaml.safe_load(CONFIG.read_text())["applications"][0]
+    args = {**app_cfg["args"], "model": str(tiny_model_path), "served-model-name": "tiny",
+            "num-gpu-blocks-override": 64, "max-model-len": 512}
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name=app_cfg["name"], route_prefix=app_cfg["route_prefix"])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def test_config_file_names_the_builder_and_autoscaling():
+    cfg = yaml.safe_load(CONFIG.read_text())
+    app = cfg["applications"][0]
+    assert app["import_path"] == "engine.serve.deployment:build_app" and cfg["http_options"]["host"] == "127.0.0.1"
+    dep = app["deployments"][0]
+    assert dep["name"] == "OpenAIServer" and dep["autoscaling_config"]["target_ongoing_requests"] > 0
+    from engine.serve.deployment import server_namespace
+
+    ns = server_namespace(app["args"])
+    assert ns.max_model_len == 2048 and ns.served_model_name == ["smollm2"] and ns.port == 0
+    with pytest.raises(ValueError, match="unknown argument"):
+        server_namespace({"no-such-flag": 1})
+    with pytest.raises(ValueError, match="max-model-len"):
+        server_namespace({"max-model-len": "many"})
+
+
+def test_serve_answers_chat_and_completions(serve_app):
+    from openai import OpenAI
+
+    c = OpenAI(base_url=serve_app + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+                                     temperature=0)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 5
+    comp = c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0)
+    streamed = list(c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6,
+                                         temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == comp.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in streamed if ch.choices][-1] == "length"
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    # errors keep OpenAI's shape through the proxy
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as e:
+        c.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    assert e.value.status_code == 400 and e.value.body["param"] == "max_tokens"
+
+
+def test_serve_listens_on_loopback_only(serve_app):
+    import psutil
+
+    wild, procs = [], psutil.Process().children(recursive=True)  # the local Ray this module started
+    assert procs
+    for p in procs:
+        try:
+            wild += [(p.pid, c.laddr) for c in p.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+        except psutil.Error:
+            continue
+    assert wild == [], f"listening beyond loopback: {wild}"
