@@ -1,4 +1,5 @@
 """paged-engine: a vLLM-style inference engine."""
+from engine.core.startup import STARTUP  # noqa: F401  (first: start-up phases are timed from here)
 from engine.config import EngineArgs
 from engine.entrypoints.llm import LLM
 from engine.outputs import CompletionOutput, EmbeddingRequestOutput, Logprob, RequestOutput

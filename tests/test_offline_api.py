@@ -138,3 +138,27 @@ def test_missing_model_and_unsupported_architecture(tmp_path, tiny_model_path):
 def test_unknown_llm_argument():
     with pytest.raises(TypeError, match="max_num_seq"):
         LLM(max_num_seq=3)
+
+
+def test_generate_cli_logs_where_start_up_time_went(tiny_model_path, caplog, capsys):
+    """``python -m engine generate --log-level debug`` ends with the start-up breakdown: every phase
+    from the interpreter to the generated tokens, each with its seconds, summing to the total."""
+    import logging
+    import re
+
+    from engine.core.startup import STARTUP
+    from engine.entrypoints.cli import main
+
+    STARTUP.marks.clear()  # one timer per process; this test process has made engines before
+    with caplog.at_level(logging.DEBUG, logger="engine.startup"):
+        assert main(["generate", "--model", str(tiny_model_path), "--max-tokens", "3", "--log-level", "debug",
+                     "Hello"]) == 0
+    reports = [r.getMessage() for r in caplog.records if r.name == "engine.startup"]
+    assert len(reports) == 1, reports
+    phases = dict(part.rsplit(": ", 1) for part in reports[0].split(" = ", 1)[1].split(", "))
+    phases = {k: v.removesuffix(" s") for k, v in phases.items()}
+    for name in ("imports", "config", "tokenizer", "workers and weights", "KV cache", "generation (3 tokens)"):
+        assert name in phases, (name, reports[0])
+    total = float(re.search(r"start-up to here (\d+\.\d+) s", reports[0]).group(1))
+    assert abs(sum(map(float, phases.values())) - total) < 0.05
+    assert "--- prompt: 'Hello'" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from engine.config import EngineArgs, EngineConfig
 from engine.core.detokenizer import IncrementalDetokenizer
 from engine.core.input_processor import InputProcessor, ProcessedInput, PromptType
 from engine.core.output_processor import OutputProcessor, ParentState, SampleState, child_id
+from engine.core.startup import STARTUP
 from engine.core.stats import EngineStats
 from engine.executor.base import make_executor
 from engine.lora.registry import LoRARegistry
@@ -36,11 +37,14 @@ def load_tokenizer(config: EngineConfig) -> Any:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        STARTUP.mark("config")
         self.tokenizer = load_tokenizer(config)
+        STARTUP.mark("tokenizer")
         self.eos_token_ids = frozenset(config.model.eos_token_ids() | ({self.tokenizer.eos_token_id} - {None}))
         self.executor = make_executor(config)
         try:
             self.executor.load_model()
+            STARTUP.mark("workers and weights")
             num_blocks = self.executor.determine_num_blocks()
         except BaseException:
             self.executor.shutdown()  # stop Ray workers that did start
@@ -52,6 +56,7 @@ class LLMEngine:
             )
         config.cache.num_blocks = num_blocks
         self.executor.init_cache(num_blocks)
+        STARTUP.mark("KV cache")
         per_block = self.executor.kv_bytes_per_block()
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %.1f KiB per block)",
@@ -76,6 +81,7 @@ class LLMEngine:
         self.lora_registry = LoRARegistry(config.lora_config, config.model.hf_config)  # adapters checked here
         self._ids = itertools.count()
         self.num_generation_tokens = 0
+        STARTUP.mark("scheduler and structured outputs")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

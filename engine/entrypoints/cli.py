@@ -17,6 +17,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags with vLLM's names (``--max-model-len``, ``--block-size``, ...)."""
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="local HF model directory or .gguf (default: embedded SmolLM2)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="debug: also where start-up time went (generate)")
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--dtype", default="auto")
     g.add_argument("--max-model-len", type=int, default=None)
@@ -83,8 +85,11 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
+    from engine.core.startup import STARTUP
     from engine.entrypoints.llm import LLM
     from engine.sampling_params import SamplingParams
+
+    STARTUP.mark("imports")
 
     args = engine_args_from(ns)
     kwargs = {k: v for k, v in vars(args).items() if k != "model"}
@@ -99,6 +104,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
         outs = llm.generate(prompts, params)
+    STARTUP.mark(f"generation ({sum(len(c.token_ids) for o in outs for c in o.outputs)} tokens)")
+    logging.getLogger("engine.startup").debug(STARTUP.report())
     for p, out in zip(prompts, outs):
         print(f"--- prompt: {p!r}")
         for c in out.outputs:
@@ -149,12 +156,18 @@ def main(argv: list[str] | None = None) -> int:
 
     serve.set_defaults(func=run_serve)
 
-    from engine.bench.cli import add_bench_parser
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["bench"]:  # its sub-commands import plotting and HTTP clients: only when asked for
+        from engine.bench.cli import add_bench_parser
 
-    add_bench_parser(sub, add_engine_args)
+        add_bench_parser(sub, add_engine_args)
+    else:
+        sub.add_parser("bench", help="benchmarks with plots, against peers measured in the same run "
+                                     "(python -m engine bench -h)")
 
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, getattr(ns, "log_level", "info").upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)
     except (ValueError, FileNotFoundError, EngineError) as e:  # EngineError: e.g. Ray workers could not start
