@@ -7,7 +7,6 @@ file store) and each node loads its own part of the model. docs/ray.md's walkthr
 same steps by hand."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

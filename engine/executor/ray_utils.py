@@ -174,8 +174,6 @@ class RayWorkerWrapper:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
     def init_worker(self, config: Any, rank: int, init_method: str, gloo_ip: str) -> None:
-        from engine.worker.worker import Worker
-
         if config.device.type == "cuda":
             import torch
 
@@ -183,9 +181,11 @@ class RayWorkerWrapper:
         iface = interface_for_ip(gloo_ip)
         if iface is not None and config.device.type == "cpu":
             os.environ["GLOO_SOCKET_IFNAME"] = iface  # gloo listens on the node's address, not on all
-        if config.parallel.pipeline_parallel_size > 1:
-            from engine.pipeline.worker import PipelineWorker as Worker  # noqa: N814 - same surface
-        self.worker = Worker(config, rank=rank, distributed_init_method=init_method)
+        if config.parallel.pipeline_parallel_size > 1:  # a stage's worker: the same call surface
+            from engine.pipeline.worker import PipelineWorker as worker_cls
+        else:
+            from engine.worker.worker import Worker as worker_cls
+        self.worker = worker_cls(config, rank=rank, distributed_init_method=init_method)
 
     def set_init_method(self, init_method: str) -> None:
         self.worker.distributed_init_method = init_method
