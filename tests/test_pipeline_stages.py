@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.errors import UnsupportedModelError
+from engine.errors import EngineStartupError, UnsupportedModelError
 from engine.executor.base import Executor
 from engine.pipeline.partition import stage_layer_range
+from engine.pipeline.stage_runner import stage_weight_bytes
 from engine.pipeline.worker import PipelineWorker
 from tests.conftest import make_tiny_llama
 
@@ -67,6 +68,9 @@ def test_chained_stages_equal_the_whole_model(fixture, sizes, request, monkeypat
         assert all(b < full_bytes for b in stage_bytes)
         layers = [len(w.runner.attention_layers()) for w in ex.workers]
         assert layers == [num_layers // pp] * pp and len(ex.workers[0].runner.kv_caches) == num_layers // pp
+        # the start-up memory check's estimate (from the checkpoint's headers) is what a stage holds
+        estimate = [stage_weight_bytes(w.rng, llm.llm_engine.config.model, 1) for w in ex.workers]
+        assert estimate == stage_bytes
         if fixture == "tiny4":  # untied: each matrix lives on exactly one stage
             assert sum(stage_bytes) == full_bytes
         else:  # tied: the embedding is on both ends (the first stage's input, the last one's LM head)
@@ -94,3 +98,11 @@ def test_features_stages_cannot_run_fail_at_start(tiny4):
         EngineArgs(model=str(tiny4), pipeline_parallel_size=0).validate()
     with pytest.raises(ValueError, match="distributed_executor_backend='uni' runs one worker"):
         EngineArgs(model=str(tiny4), pipeline_parallel_size=2, distributed_executor_backend="uni").validate()
+
+
+def test_a_node_that_cannot_hold_its_stage_fails_before_loading(tiny4, monkeypatch):
+    monkeypatch.setattr("engine.core.llm_engine.make_executor", LocalPipelineExecutor)
+    monkeypatch.setenv("PAGED_ENGINE_STAGE_MEMORY_BYTES", str(1 << 20))
+    with pytest.raises(EngineStartupError, match=r"pipeline stage 0 \(layers 0-1\) needs about \d+ MiB for its weights, "
+                       r"but .* has 1 MiB free; use more pipeline stages"):
+        LLM(str(tiny4), pipeline_parallel_size=2, num_gpu_blocks_override=64)

@@ -11,13 +11,15 @@ stages; so are speculative decoding, LoRA and pooling (start-up errors, engine/p
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 
 import torch
 
 from engine.attention.metadata import attention_context
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import EngineStartupError
 from engine.pipeline.partition import LayerRange
 from engine.pipeline.stage_model import Intermediate, PipelineStageModel
 from engine.scheduler.output import SchedulerOutput
@@ -37,6 +39,7 @@ class PipelineStageRunner(ModelRunner):
         from engine.models.loader import load_model
 
         mc = self.model_config
+        check_stage_fits(self.rng, mc, self.config.parallel.tensor_parallel_size, self.device)
         lm = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization,
                         gguf_file=mc.gguf_file, layer_range=self.rng)
         self.model = PipelineStageModel(lm, self.rng)
@@ -67,3 +70,49 @@ class PipelineStageRunner(ModelRunner):
             self._received = None
             self.busy_s += time.perf_counter() - t0
             self.num_steps += 1
+
+
+def stage_weight_bytes(rng: LayerRange, mc: ModelConfig, tp_size: int) -> int:
+    """About how many bytes of weights a stage's rank will hold: the checkpoint tensors the stage
+    owns (their shapes, read from the safetensors headers, not their data), in the model's dtype,
+    split over the stage's tensor-parallel ranks."""
+    from safetensors import safe_open
+
+    tied = bool(getattr(mc.hf_config, "tie_word_embeddings", False))
+    elem = torch.empty((), dtype=mc.dtype).element_size()
+    total = 0
+    for f in sorted(mc.path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                if rng.owns(name, tied):
+                    numel = 1
+                    for d in handle.get_slice(name).get_shape():
+                        numel *= d
+                    total += numel * elem
+    return total // tp_size
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this stage's weights can take on its node (PAGED_ENGINE_STAGE_MEMORY_BYTES overrides)."""
+    if "PAGED_ENGINE_STAGE_MEMORY_BYTES" in os.environ:
+        return int(os.environ["PAGED_ENGINE_STAGE_MEMORY_BYTES"])
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_stage_fits(rng: LayerRange, mc: ModelConfig, tp_size: int, device: torch.device) -> None:
+    """EngineStartupError, before any weight is read, when the node cannot hold the stage's weights."""
+    if mc.quantization is not None:  # quantized layers hold less than the checkpoint's dtype says
+        return
+    need, free = stage_weight_bytes(rng, mc, tp_size), free_memory_bytes(device)
+    if need > free:
+        import socket
+
+        raise EngineStartupError(
+            f"pipeline stage {rng.stage} (layers {rng.start}-{rng.end - 1}) needs about {need / 2**20:.0f} MiB for its "
+            f"weights, but {socket.gethostname()} has {free / 2**20:.0f} MiB free; use more pipeline stages, tensor "
+            "parallelism within each stage, or nodes with more memory"
+        )
