@@ -1,4 +1,4 @@
-"""A process that ran ``LLM(tensor_parallel_size=2)`` over Ray and exits without calling shutdown
+"""A process that ran ``LLM(tensor_parallel_size=2)`` (or ``data_parallel_size=2``) over Ray and exits without calling shutdown
 (at the end of the script, or on SIGTERM): its exit status is 0 (143 for SIGTERM, not Ray's abort)
 and no process it started (the local cluster: GCS, raylet, the agents, the two workers) outlives it."""
 from __future__ import annotations
@@ -21,8 +21,7 @@ CHILD = textwrap.dedent("""
     import psutil
     from engine import LLM, SamplingParams
 
-    llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="ray", max_model_len=128,
-              num_gpu_blocks_override=16)
+    llm = LLM(sys.argv[1], **json.loads(sys.argv[3]), max_model_len=128, num_gpu_blocks_override=16)
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     pids = [p.pid for p in psutil.Process().children(recursive=True)]
     print("RESULT " + json.dumps({"tokens": out[0].outputs[0].token_ids, "pids": pids}), flush=True)
@@ -32,15 +31,21 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("how,want_status", [("exit", 0), ("sigterm", 128 + signal.SIGTERM)])
-def test_tp2_over_ray_exits_cleanly_and_leaves_no_process(tiny_model_path, how, want_status):
+TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+DP2 = {"data_parallel_size": 2}  # two replica actors and the front end's event-loop thread
+
+
+@pytest.mark.parametrize("layout,how,want_status", [(TP2, "exit", 0), (TP2, "sigterm", 128 + signal.SIGTERM),
+                                                    (DP2, "exit", 0)])
+def test_tp2_over_ray_exits_cleanly_and_leaves_no_process(tiny_model_path, layout, how, want_status):
     psutil = pytest.importorskip("psutil")
     pytest.importorskip("ray")
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # a cluster of its own, never an attached one
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_path), "wait" if how == "sigterm" else "-"],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_path), "wait" if how == "sigterm" else "-",
+                             json.dumps(layout)],
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         result, lines = None, []

@@ -89,11 +89,11 @@ class DPAsyncEngine(EngineClient):
         config = engine_args.create_engine_config()
         self.config = config
         self._tokenizer = load_tokenizer(config)
-        self._set: ReplicaSet = start_replicas(engine_args, config)
+        self.replica_set: ReplicaSet = start_replicas(engine_args, config)
         try:
             self._init_front_end(config, max_num_queued_requests)
         except BaseException:
-            self._set.shutdown()
+            self.replica_set.shutdown()
             raise
 
     def _init_front_end(self, config: Any, max_num_queued_requests: int | None) -> None:
@@ -101,8 +101,8 @@ class DPAsyncEngine(EngineClient):
         from engine.lora.registry import LoRARegistry
         from engine.structured_output.manager import make_structured_output_manager
 
-        self.ray = self._set.ray
-        self.replicas: list[ReplicaHandle] = self._set.replicas
+        self.ray = self.replica_set.ray
+        self.replicas: list[ReplicaHandle] = self.replica_set.replicas
         infos = [r.info for r in self.replicas]
         limits = _PromptLimits(min(i.max_model_len for i in infos), min(i.num_blocks for i in infos),
                                infos[0].block_size)
@@ -162,6 +162,12 @@ class DPAsyncEngine(EngineClient):
     async def shutdown(self, timeout: float = 30.0) -> None:
         if self._stopping:
             return
+        self.stop_front_end()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def stop_front_end(self) -> None:
+        """(On the event loop.) Fails the requests in flight and stops delivering; ``close`` then
+        stops the replicas."""
         self._stopping = True
         err = EngineDeadError("the engine was shut down")
         for t in list(self._tracked.values()):
@@ -169,12 +175,11 @@ class DPAsyncEngine(EngineClient):
         self._tracked.clear()
         for task in self._tasks:
             task.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def close(self) -> None:
         """Stops every replica (any thread; also at interpreter exit)."""
         self._stopping = True
-        self._set.shutdown()
+        self.replica_set.shutdown()
         self._structured.shutdown()
 
     def num_queued_requests(self) -> int:
@@ -296,7 +301,7 @@ class DPAsyncEngine(EngineClient):
         """Delivers one replica's outputs; on its death, handles its requests and waits for it to come back."""
         ray = self.ray
         last_stats = 0.0
-        while not self._stopping:
+        while not self._stopping and not self.replica_set.closed:
             if r.state != "up":
                 if not await self._await_restart(r):
                     return
@@ -308,8 +313,9 @@ class DPAsyncEngine(EngineClient):
             except asyncio.CancelledError:
                 raise
             except ray.exceptions.RayActorError as e:
-                if not self._stopping:
-                    self._replica_down(r, e)
+                if self._stopping or self.replica_set.closed:
+                    return
+                self._replica_down(r, e)
                 continue
             for rid, item in batch:
                 self._deliver(r, rid, item)
@@ -386,11 +392,11 @@ class DPAsyncEngine(EngineClient):
 
         if r.state == "dead":
             return False
-        if r.deaths > self._set.max_restarts:
+        if r.deaths > self.replica_set.max_restarts:
             r.state = "dead"
             return False
         deadline = time.monotonic() + startup_timeout_s()
-        while not self._stopping and time.monotonic() < deadline:
+        while not self._stopping and not self.replica_set.closed and time.monotonic() < deadline:
             try:
                 r.info = await r.actor.info.remote()
             except asyncio.CancelledError:

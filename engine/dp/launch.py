@@ -65,6 +65,12 @@ class ReplicaSet:
     _closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def closed(self) -> bool:
+        """True once shutdown began: nobody may call into Ray for these replicas any more (a call
+        after ``ray.shutdown`` would start a new local Ray)."""
+        return self._closed
+
     def shutdown(self) -> None:
         """Idempotent: asks each replica to stop its engine (2 s), kills the actors, removes the
         placement groups, and disconnects from (or stops) the local Ray this process started."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 from dataclasses import replace
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from engine.config import EngineArgs
 from engine.core.stats import EngineStats
 from engine.dp.client import DPAsyncEngine
+from engine.executor import ray_teardown
 from engine.outputs import RequestOutput
 
 STEP_WAIT_S = 0.05
@@ -32,6 +34,11 @@ class DPOfflineEngine:
             self._stop_loop()
             raise
         self._call(self._start())
+        self._closed = False
+        # at exit this object stops the replicas (the front end's loop first, then Ray), not the
+        # replica set alone: its pumps would otherwise call into Ray while it shuts down
+        ray_teardown.untrack(self.client.replica_set)
+        ray_teardown.track(self)
         self.tokenizer = self.client.tokenizer
         self.config = self.client.config
         self._done: "queue.Queue[tuple[str, RequestOutput | BaseException]]" = queue.Queue()
@@ -114,10 +121,24 @@ class DPOfflineEngine:
         return self._call(self.client.check_health())
 
     def shutdown(self) -> None:
+        """Idempotent. At interpreter exit the exit hook (ray_teardown) runs this while the loop
+        thread still runs; during finalization (``__del__``) that thread may be frozen, so the
+        replicas are then stopped from this thread without it."""
+        if self._closed:
+            return
+        self._closed = True
+        ray_teardown.untrack(self)
         try:
-            self._call(self.client.shutdown())
+            if self._thread.is_alive() and not sys.is_finalizing():
+                asyncio.run_coroutine_threadsafe(self._stop_front_end(), self._loop).result(timeout=10)
+        except Exception:  # noqa: BLE001 - the replicas are stopped below in any case
+            pass
         finally:
+            self.client.close()  # on this thread (the main one at exit): Ray is stopped where it started
             self._stop_loop()
+
+    async def _stop_front_end(self) -> None:
+        self.client.stop_front_end()
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():
