@@ -145,7 +145,9 @@ def test_tiny_file_loads_with_the_checkpoint_values(tmp_path, tied):
     ids = torch.tensor([0, 5, 95])
     assert torch.equal(model.model.embed_tokens(ids), ref_model.model.embed_tokens(ids))
     x = torch.randn(3, HIDDEN)
-    torch.testing.assert_close(model.lm_head(x), ref_model.lm_head(x), rtol=1e-6, atol=1e-6)
+    # the fp32 path's packed GEMM sums each output in one chain over k, the GGUF kernel in 8 lanes: the
+    # two agree to fp32 summation error, not bit for bit
+    torch.testing.assert_close(model.lm_head(x), ref_model.lm_head(x), rtol=1e-5, atol=1e-5)
 
 
 def test_tensor_parallel_shards_fall_on_whole_blocks(tmp_path):
