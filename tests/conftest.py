@@ -32,6 +32,7 @@ def make_tiny_llama(
     intermediate_size: int = 128,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    max_position_embeddings: int = 2048,
     **extra,
 ) -> Path:
     """Saves a randomly initialised Llama with the default model's tokenizer (vocab 49152)."""
@@ -45,7 +46,7 @@ def make_tiny_llama(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,
         eos_token_id=2,

@@ -43,15 +43,34 @@ def _metric(srv, name: str) -> float:
         return metric_sum(r.read().decode(), name) or 0.0
 
 
-def test_chat_page_streams_and_stops_in_chromium(tmp_path, tiny_model_path):
+def _endless_model(out_dir: Path, tokenizer_dir: Path) -> Path:
+    """A random Llama that cannot pick EOS (its lm_head rows for the stop tokens are zero, so their logit
+    is 0 while the largest of the other 49k is several sigma above it) and is slow enough (4 layers,
+    hidden 256) that an 8,000-token answer runs for many seconds: stop is pressed on a running request
+    however fast the machine, never after the answer has ended by itself."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import make_tiny_llama
+
+    path = make_tiny_llama(out_dir, tokenizer_dir, hidden_size=256, intermediate_size=1024, num_layers=4,
+                           max_position_embeddings=8192)
+    weights = load_file(path / "model.safetensors")
+    for eos in (0, 1, 2):  # <|endoftext|>, <|im_start|>, <|im_end|> in the default model's tokenizer
+        weights["lm_head.weight"][eos] = 0.0
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_chat_page_streams_and_stops_in_chromium(tmp_path, default_model_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency (.[test])")
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed here (.ci/run installs it: apt-get install chromium)")
     artifacts = Path(os.environ.get("ENGINE_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    srv = spawn_server(tmp_path / "server.log", "--model", str(tiny_model_path), "--max-model-len", "2048",
-                       "--num-gpu-blocks-override", "256")
+    model = _endless_model(tmp_path / "endless", default_model_path)
+    srv = spawn_server(tmp_path / "server.log", "--model", str(model), "--max-model-len", "8192",
+                       "--num-gpu-blocks-override", "600")
     try:
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
@@ -64,7 +83,7 @@ def test_chat_page_streams_and_stops_in_chromium(tmp_path, tiny_model_path):
                 assert page.evaluate("sessionStorage.getItem('paged-engine.api-key')") == API_KEY
                 aborted = _metric(srv, "vllm:num_aborted_requests_total")
                 page.fill("#temperature", "0")
-                page.fill("#max-tokens", "1900")  # long enough to still be running when stop is pressed
+                page.fill("#max-tokens", "8000")  # with no EOS, still running when stop is pressed
                 page.fill("#prompt", "Tell me a very long story about a lighthouse.")
                 page.click("#send")
                 answer = ".msg.assistant .text"
