@@ -60,6 +60,10 @@ class Request:
     parent_id: str | None = None  # for n > 1: the user-facing request this sample belongs to
     sample_index: int = 0
     fork_from: str | None = None  # n > 1: the sibling whose computed prompt this sample shares
+    # beam search (engine/scheduler/retained_kv.py): a finished request whose blocks this one
+    # continues, and whether this one keeps its blocks for its own continuations when it finishes
+    kv_source: str | None = None
+    retain_kv: bool = False
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -83,15 +83,21 @@ def test_golden_prompts_batched_equal_transformers(llm, prompt_ids, hf_model, wi
     assert_all_blocks_free(llm)
 
 
-def test_beams_share_the_prompt_blocks(llm, prompt_ids):
-    """After the first step every beam's request reads the prompt's full blocks from the prefix
-    cache (shared by reference count) instead of recomputing them."""
-    ids = prompt_ids[5]  # 284 tokens: 17 full blocks
-    before = llm.get_stats().kv_cache.prefix_cache_hits
+def test_beams_fork_their_parents_blocks(llm, prompt_ids):
+    """After the first step every beam forks the block table of the request that scored its parent
+    (copy-on-write of the partial last block): each step computes one token per beam."""
+    ids = prompt_ids[5]  # 284 tokens: 17 full blocks and a partial one
+    sched, kv = llm.llm_engine.scheduler.stats, llm.get_stats().kv_cache
+    before = (sched.num_forked_beams, sched.num_prefill_tokens + sched.num_decode_tokens, kv.prefix_cache_hits,
+              kv.cow_copies)
     llm.beam_search([ids], BeamSearchParams(beam_width=4, max_tokens=3, ignore_eos=True))
-    hits = llm.get_stats().kv_cache.prefix_cache_hits - before
-    full = len(ids) // 16 * 16
-    assert hits >= 2 * 4 * full, hits  # steps 2 and 3: four beams each
+    kv = llm.get_stats().kv_cache
+    forked = sched.num_forked_beams - before[0]
+    computed = sched.num_prefill_tokens + sched.num_decode_tokens - before[1]
+    hits = kv.prefix_cache_hits - before[2]
+    assert forked == 2 * 4  # steps 2 and 3: four beams each
+    assert computed == len(ids) - hits + 2 * 4  # the prompt once (less its cached blocks), then a token a beam
+    assert kv.cow_copies - before[3] == 2 * 4  # every beam copied its parent's partial block
     assert_all_blocks_free(llm)
 
 

@@ -81,6 +81,11 @@ class _Abort:
 
 
 @dataclass
+class _ReleaseKV:
+    request_ids: list[str]
+
+
+@dataclass
 class _Tracked:
     """What the engine thread remembers about a request for metrics and delivery."""
 
@@ -290,6 +295,10 @@ class AsyncLLMEngine(EngineClient):
         if ids and self._dead is None:
             self._push(_Abort(ids))
 
+    def release_kv(self, request_ids: list[str]) -> None:
+        if request_ids and self._dead is None:
+            self._push(_ReleaseKV(list(request_ids)))
+
     async def check_health(self) -> None:
         if self._dead is not None:
             raise self._dead
@@ -297,7 +306,7 @@ class AsyncLLMEngine(EngineClient):
             raise EngineDeadError("the engine loop is not running")
         self.engine.check_health()
 
-    def _push(self, cmd: _Add | _Abort, cap: int | None = None) -> None:
+    def _push(self, cmd: _Add | _Abort | _ReleaseKV, cap: int | None = None) -> None:
         with self._cv:
             # checked under the lock _die takes: a command can never be queued after the drain
             if self._dead is not None:
@@ -351,7 +360,7 @@ class AsyncLLMEngine(EngineClient):
         except BaseException as e:  # noqa: BLE001 - any failure of the step loop kills the engine
             self._die(e)
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
+    def _apply(self, cmd: _Add | _Abort | _ReleaseKV) -> None:
         if isinstance(cmd, _Add):
             try:
                 self.engine.add_request(
@@ -363,6 +372,8 @@ class AsyncLLMEngine(EngineClient):
             self._tracked[cmd.request_id] = _Tracked(cmd.out, cmd.stream, cmd.arrival_time)
             self.metrics.requests_added += 1
             cmd.done(None)
+        elif isinstance(cmd, _ReleaseKV):
+            self.engine.release_kv(cmd.request_ids)
         else:
             outputs = self.engine.abort_request(cmd.request_ids)
             self._deliver(outputs)

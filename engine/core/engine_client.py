@@ -110,6 +110,10 @@ class EngineClient(Protocol):
 
     def abort(self, request_ids: str | list[str]) -> None: ...
 
+    def release_kv(self, request_ids: list[str]) -> None:
+        """Frees the blocks finished ``retain_kv`` requests kept for their continuations (beam
+        search); applied between steps."""
+
     def get_stats(self) -> EngineStats:
         """The engine's stats as of its last step (cheap; any thread)."""
 

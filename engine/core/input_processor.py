@@ -36,6 +36,9 @@ class ProcessedInput:
     params: SamplingParams  # the caller's params, copied, validated and filled in from the tokenizer
     # (or PoolingParams, copied and validated, for a pooling request: engine/pooling/inputs.py)
     lora_request: Any = None  # engine.lora.request.LoRARequest: the adapter it runs with (None: base)
+    # beam search's continuations (engine/scheduler/retained_kv.py); n must be 1 with either
+    kv_source: str | None = None  # a finished request, kept with retain_kv, whose blocks it forks
+    retain_kv: bool = False  # keep this request's blocks when it finishes, until released
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,8 @@ class LLMEngine:
                     parent_id=request_id,
                     sample_index=i,
                     lora_request=inputs.lora_request,
+                    kv_source=inputs.kv_source if n == 1 else None,
+                    retain_kv=inputs.retain_kv and n == 1,
                 )
             )
         return children
@@ -193,6 +195,11 @@ class LLMEngine:
                     self.output_processor.finish(req)
             outputs.append(self.output_processor.make_output(pid))
         return outputs
+
+    def release_kv(self, request_ids: list[str]) -> None:
+        """Beam search has queued every continuation of these finished requests (added with
+        ``retain_kv``): their kept blocks go back (engine/scheduler/retained_kv.py)."""
+        self.scheduler.release_kv(list(request_ids))
 
     # ---- stepping --------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:

@@ -232,6 +232,12 @@ class DPAsyncEngine(EngineClient):
             if r.state == "up":
                 r.actor.abort.remote(rids)  # the replica answers with each request's final (aborted) output
 
+    def release_kv(self, request_ids: list[str]) -> None:
+        """To every live replica: a finished request's kept blocks are on whichever ran it."""
+        for r in self.replicas:
+            if r.state == "up":
+                r.actor.release_kv.remote(list(request_ids))
+
     def get_stats(self) -> EngineStats:
         """The replicas' stats added up (each as of its last refresh, about a second old at most)."""
         return sum_stats([r.stats for r in self.replicas if r.stats is not None])

@@ -100,6 +100,9 @@ class EngineReplica:
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort(request_ids)
 
+    def release_kv(self, request_ids: list[str]) -> None:
+        self.engine.release_kv(request_ids)
+
     async def poll(self, timeout: float) -> list[tuple[str, Any]]:
         """(request id, RequestOutput or ReplicaRequestError) for everything since the last poll;
         waits up to ``timeout`` s for the first."""

@@ -1,9 +1,13 @@
 """Beam search as an outer loop over the engine (vLLM's design): each step scores every live beam
 with a one-token request asking for the top logprobs, then keeps the best continuations.
 
-Every beam's request is its prompt plus the tokens chosen so far, so the prefix cache serves the
-shared prompt (and a beam's earlier tokens) from the blocks its parent computed: the beams share
-the prompt's KV blocks, and only each beam's last partial block is recomputed.
+Every beam's request is its prompt plus the tokens chosen so far. It is added with ``retain_kv``
+(its blocks stay when it finishes) and names the request that scored its parent beam as its
+``kv_source``: it forks that request's block table (engine/scheduler/retained_kv.py), sharing every
+block by reference count and copying the partial last block on its first write, so each step
+computes one token per beam. The previous step's requests are released once their continuations
+are queued. Where blocks cannot be kept (a data-parallel LLM's replicas share no cache; a source
+dropped under memory pressure) a beam starts the ordinary way, from the prefix cache.
 
 The selection is transformers' ``generate(num_beams=k, do_sample=False)`` step for step
 (``GenerationMixin._beam_search``): the top ``max(2, 1 + #eos) * k`` continuations over all beams
@@ -17,7 +21,7 @@ its current length, cannot beat the worst finished one; True: stop once k beams 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.core.input_processor import InvalidInputError
@@ -94,6 +98,7 @@ class _Beam:
     tokens: list[int]  # generated so far
     cum_logprob: float
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    kv_source: str | None = None  # the request that computed prompt + tokens[:-1] (its blocks are forked)
 
 
 @dataclass
@@ -123,8 +128,12 @@ class BeamSearchInstance:
     def beam_prompts(self) -> list[list[int]]:
         return [self.prompt_token_ids + b.tokens for b in self.running]
 
-    def advance(self, top: list[dict[int, Logprob]]) -> None:
-        """``top[b]``: token -> logprob of beam b's best ``num_candidates`` next tokens (at least)."""
+    def beam_sources(self) -> list[str | None]:
+        return [b.kv_source for b in self.running]
+
+    def advance(self, top: list[dict[int, Logprob]], scored_by: list[str] | None = None) -> None:
+        """``top[b]``: token -> logprob of beam b's best ``num_candidates`` next tokens (at least);
+        ``scored_by[b]``: the request that scored beam b (its continuations fork its blocks)."""
         p, width = self.params, self.width
         cands = [(b.cum_logprob + lp.logprob, i, tok, lp) for i, (b, entry) in enumerate(zip(self.running, top))
                  for tok, lp in entry.items()]
@@ -135,11 +144,13 @@ class BeamSearchInstance:
         new_beams = []
         for (score, i, tok, lp), hit in zip(cands, hits):
             parent = self.running[i]
-            new_beams.append(_Beam(parent.tokens + [tok], score, parent.logprobs + [{tok: lp}]))
+            new_beams.append(_Beam(parent.tokens + [tok], score, parent.logprobs + [{tok: lp}],
+                                   scored_by[i] if scored_by is not None else None))
         # the k best continuations that did not end run on (ended ones sink to the bottom)
         order = sorted(range(len(cands)), key=lambda j: -(cands[j][0] + (_FINISHED_BLOCKED if hits[j] else 0.0)))
         # (an ended one runs on only when more than k ended, with transformers' sunk score)
-        next_running = [_Beam(new_beams[j].tokens, new_beams[j].cum_logprob + _FINISHED_BLOCKED, new_beams[j].logprobs)
+        next_running = [_Beam(new_beams[j].tokens, new_beams[j].cum_logprob + _FINISHED_BLOCKED, new_beams[j].logprobs,
+                              new_beams[j].kv_source)
                         if hits[j] else new_beams[j] for j in order[:width]]
         best_running = cands[order[0]][0] + (_FINISHED_BLOCKED if hits[order[0]] else 0.0)
         # ended continuations among the first k join the finished set, unless it is closed
@@ -179,6 +190,17 @@ class BeamSearchInstance:
         return BeamSearchOutput(seqs)
 
 
+def step_inputs(input_processor: Any, live: list[BeamSearchInstance]) -> list[tuple[BeamSearchInstance, Any]]:
+    """Each live beam's scoring request as a ProcessedInput that forks its parent's blocks and
+    keeps its own for its continuations."""
+    asks = []
+    for inst in live:
+        for ids, source in zip(inst.beam_prompts(), inst.beam_sources()):
+            processed = input_processor.process({"prompt_token_ids": ids}, step_params(inst))
+            asks.append((inst, replace(processed, kv_source=source, retain_kv=True)))
+    return asks
+
+
 def step_params(instance: BeamSearchInstance) -> SamplingParams:
     """One scoring step of a beam: one greedy token, the top candidates' raw logprobs."""
     return SamplingParams(max_tokens=1, temperature=0.0, logprobs=instance.num_candidates, ignore_eos=True,
@@ -206,15 +228,29 @@ def run_beam_search(llm: LLM, prompts: list, params: BeamSearchParams) -> list[B
     for p_ids in ids:
         engine.check_prompt(len(p_ids))
     instances = make_instances(ids, params, engine.eos_token_ids, engine.max_model_len)
-    while True:
-        live = [inst for inst in instances if not inst.done and inst.max_new_tokens > 0]
-        if not live:
-            break
-        asks = [(inst, b, beam_ids) for inst in live for b, beam_ids in enumerate(inst.beam_prompts())]
-        outs = llm.generate([a[2] for a in asks], [step_params(a[0]) for a in asks], use_tqdm=False)
-        tops: dict[int, list] = {id(inst): [] for inst in live}
-        for (inst, _b, _ids), out in zip(asks, outs):
-            tops[id(inst)].append(out.outputs[0].logprobs[0])
-        for inst in live:
-            inst.advance(tops[id(inst)])
+    # a data-parallel LLM's replicas share no KV: there every step re-reads the prefix cache
+    forks = hasattr(engine, "release_kv")
+    kept: list[str] = []  # the previous step's requests, whose blocks their continuations fork
+    try:
+        while True:
+            live = [inst for inst in instances if not inst.done and inst.max_new_tokens > 0]
+            if not live:
+                break
+            if forks:
+                asks = step_inputs(engine.input_processor, live)
+                outs = llm._generate_processed([a[1] for a in asks], before_run=lambda: engine.release_kv(kept))
+            else:
+                asks = [(inst, beam_ids) for inst in live for beam_ids in inst.beam_prompts()]
+                outs = llm.generate([a[1] for a in asks], [step_params(a[0]) for a in asks], use_tqdm=False)
+            kept = [out.request_id for out in outs] if forks else []
+            tops: dict[int, list] = {id(inst): [] for inst in live}
+            scored_by: dict[int, list] = {id(inst): [] for inst in live}
+            for (inst, _), out in zip(asks, outs):
+                tops[id(inst)].append(out.outputs[0].logprobs[0])
+                scored_by[id(inst)].append(out.request_id)
+            for inst in live:
+                inst.advance(tops[id(inst)], scored_by[id(inst)] if forks else None)
+    finally:
+        if kept:
+            engine.release_kv(kept)
     return [inst.output(engine.tokenizer) for inst in instances]

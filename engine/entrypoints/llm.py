@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -75,8 +75,7 @@ class LLM:
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-                rid = f"offline-{self._counter}"
-                self._counter += 1
+                rid = self._new_request_id()
                 self.llm_engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0,
                                             lora_request=loras[i])
                 ids.append(rid)
@@ -84,6 +83,25 @@ class LLM:
             self.llm_engine.abort_request(ids)  # nothing half-submitted stays queued
             raise
         return self._run(ids, use_tqdm)
+
+    def _new_request_id(self) -> str:
+        rid = f"offline-{self._counter}"
+        self._counter += 1
+        return rid
+
+    def _generate_processed(self, inputs: list, before_run: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Runs ProcessedInputs (beam search's steps, which set fields no prompt can); ``before_run``
+        is called once they are all queued."""
+        ids = []
+        try:
+            for processed in inputs:
+                ids.append(self.llm_engine.add_request(self._new_request_id(), processed))
+            if before_run is not None:
+                before_run()
+        except Exception:
+            self.llm_engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm=False)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

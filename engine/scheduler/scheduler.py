@@ -14,6 +14,7 @@ from engine.lora.admission import AdapterSlots
 from engine.request import NO_TOKEN, NO_TOKEN_REASON, Request, RequestStatus
 from engine.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.scheduler.policy import make_policy
+from engine.scheduler.retained_kv import RetainedKV
 from engine.scheduler.stats import SchedulerStats  # re-exported: its home was this module
 from engine.scheduler.step_state import Admission, AdmissionKind, StepState
 from engine.spec_decode.stats import SpecDecodingStats
@@ -56,6 +57,7 @@ class Scheduler:
         self._sent_blocks: dict[str, int] = {}  # req id -> blocks of its table the workers know
         self._reset_tables: set[str] = set()  # known to workers, but their table must be resent whole
         self._finished_ids: set[str] = set()
+        self.retained = RetainedKV()  # finished beams' blocks, kept for their continuations to fork
         self._group_leader: dict[str, str] = {}  # n > 1: parent id -> the sample that prefills
         self.num_lookahead_tokens = config.num_lookahead_slots  # slots a draft model writes past a step
         self.adapter_slots = AdapterSlots(config.max_loras)  # LoRA: distinct adapters per step <= slots
@@ -79,7 +81,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.check_prompt(request.num_prompt_tokens)
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self.retained.entries:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         params = request.sampling_params
         if params.max_tokens is None:  # generation then ends at max_model_len
@@ -182,6 +184,8 @@ class Scheduler:
             self.kv_cache.allocate_slots(req, num_new, num_lookahead_tokens=lookahead)
             or (lookahead and self.kv_cache.allocate_slots(req, num_new))
         ):
+            if self._free_retained(everything=True):  # kept blocks are a cache: they go before anyone is preempted
+                continue
             victim = self._pick_victim(st)  # never None: req itself qualifies
             self._preempt(victim, st)
             st.growth_preempted = True
@@ -217,8 +221,18 @@ class Scheduler:
                 return None
             leader = self.requests.get(req.fork_from)
             if leader is not None and leader.status == RequestStatus.RUNNING:
-                return Admission(AdmissionKind.FORK, 1, 1, source=leader)
+                return Admission(AdmissionKind.FORK, 1, 1, source=leader, num_shared=req.num_prompt_tokens - 1)
             req.fork_from = None  # the sibling is gone or preempted: take the ordinary path
+        source = self.retained.source_for(req)
+        if source is not None:  # beam search: continue a finished beam's blocks
+            shared = source.num_computed_tokens
+            num_new = req.num_tokens - shared
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                return False
+            num_new = min(num_new, budget)
+            # the new blocks, plus a copy of the shared partial last block
+            need = kv.blocks_needed(shared + num_new) - kv.blocks_needed(shared) + 1
+            return Admission(AdmissionKind.FORK, num_new, need, source=source, num_shared=shared)
         reads_cache = req.num_computed_tokens == 0 and not req.skip_reading_prefix_cache
         computed = kv.get_computed_blocks(req) if reads_cache else []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
@@ -240,6 +254,8 @@ class Scheduler:
                 return False
             if plan.need + reserve <= kv.num_free_blocks:
                 break
+            if self._free_retained(everything=True):
+                continue
             victim = self._pick_victim(st, displaced_by=req)
             if victim is None:
                 return False
@@ -252,9 +268,12 @@ class Scheduler:
             self.stats.num_swap_ins += 1
             ok = kv.allocate_slots(req, plan.num_new)
         elif plan.kind is AdmissionKind.FORK:
-            kv.fork(plan.source, req, req.num_prompt_tokens - 1)
-            req.num_computed_tokens = req.num_prompt_tokens - 1
-            self.stats.num_forked_samples += 1
+            kv.fork(plan.source, req, plan.num_shared)
+            req.num_computed_tokens = plan.num_shared
+            if req.kv_source is None:
+                self.stats.num_forked_samples += 1
+            else:
+                self.stats.num_forked_beams += 1
             ok = kv.allocate_slots(req, plan.num_new)
         else:
             ok = kv.allocate_slots(req, plan.num_new, plan.computed)
@@ -308,6 +327,21 @@ class Scheduler:
             return False
         self._preempt(req, StepState(budget=0))
         return True
+
+    def release_kv(self, request_ids: list[str]) -> None:
+        """The caller has queued every continuation of these finished, retained requests: their
+        blocks go back once no waiting request still names them as its source (between steps)."""
+        self.retained.release(request_ids)
+        self._free_retained()
+
+    def _free_retained(self, everything: bool = False) -> bool:
+        """Frees the retained requests that are due (all of them with ``everything``: the cache
+        needs the room); returns whether any block table was freed."""
+        wanted = {r.kv_source for r in self.waiting if r.kv_source is not None}
+        due = self.retained.take_due(self._step, wanted, everything)
+        for req in due:
+            self.kv_cache.free(req)
+        return bool(due)
 
     def _make_output(self, st: StepState) -> SchedulerOutput:
         ops = self.kv_cache.take_block_ops()
@@ -428,6 +462,8 @@ class Scheduler:
                 if req.structured_output_request is not None:
                     req.spec_token_ids = self.structured_output.validate_drafts(req, req.spec_token_ids)
             updated.append((req, kept))
+        if self.retained:  # the step that forked them has run: released sources can go
+            self._free_retained()
         return updated
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
@@ -469,8 +505,11 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         req.metrics.finished_time = time.time()
-        self.kv_cache.free(req)
         rid = req.request_id
+        if req.retain_kv and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.retained.keep(req, self._step)  # its continuations fork these blocks (retained_kv.py)
+        else:
+            self.kv_cache.free(req)
         self._reset_tables.discard(rid)
         if self._sent_blocks.pop(rid, None) is not None:
             self._finished_ids.add(rid)

@@ -13,6 +13,7 @@ class SchedulerStats:
     num_priority_preemptions: int = 0  # running requests displaced by a higher-priority arrival
     num_swap_ins: int = 0
     num_forked_samples: int = 0  # n > 1 samples that shared a sibling's computed prompt
+    num_forked_beams: int = 0  # beam continuations that forked a finished beam's blocks
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     # the last step's batch composition

@@ -25,7 +25,7 @@ class AdmissionKind(str, Enum):
     """How a waiting request starts running."""
 
     NEW = "new"  # an ordinary start (or restart after recompute), with a prefix-cache lookup
-    FORK = "fork"  # n > 1: share a sibling's computed prompt blocks
+    FORK = "fork"  # share computed blocks: an n > 1 sibling's prompt, or a finished beam's tokens
     SWAP_IN = "swap_in"  # copy its swapped-out blocks back from host memory
 
 
@@ -38,3 +38,4 @@ class Admission:
     need: int  # free blocks it consumes
     computed: list[KVBlock] = field(default_factory=list)
     source: Request | None = None
+    num_shared: int = 0  # FORK: how many of the source's computed tokens it shares

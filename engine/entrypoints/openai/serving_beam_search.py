@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.core.input_processor import InvalidInputError
-from engine.entrypoints.beam_search import BeamSearchParams, make_instances, step_params
+from engine.entrypoints.beam_search import BeamSearchParams, make_instances, step_inputs
 from engine.entrypoints.openai.protocol import Body, OpenAIError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -61,26 +61,34 @@ async def run_beam_search(serving: Any, prompt_ids: list[list[int]], bp: BeamSea
     except InvalidInputError as e:
         raise OpenAIError(str(e), param="n" if e.param == "beam_width" else e.param) from None
     step = 0
-    while True:
-        live = [inst for inst in instances if not inst.done and inst.max_new_tokens > 0]
-        if not live:
-            break
-        asks = [(inst, ids) for inst in live for ids in inst.beam_prompts()]
-        inputs = [serving.input_processor.process({"prompt_token_ids": ids}, step_params(inst)) for inst, ids in asks]
-        streams = await serving.add_all(f"{request_id}-beam{step}", inputs, stream=False)
-        try:
-            outs = await serving.final_outputs(streams)
-        finally:
-            serving.abort_unfinished(streams)
-        tops: dict[int, list] = {id(inst): [] for inst in live}
-        for (inst, _ids), out in zip(asks, outs):
-            if out.outputs[0].finish_reason in ("abort", "error") or not out.outputs[0].logprobs:
-                raise OpenAIError(f"a beam search step ended with {out.outputs[0].finish_reason!r}", status=500,
-                                  type="server_error")
-            tops[id(inst)].append(out.outputs[0].logprobs[0])
-        for inst in live:
-            inst.advance(tops[id(inst)])
-        step += 1
+    kept: list[str] = []  # the previous step's requests: their continuations fork their blocks
+    try:
+        while True:
+            live = [inst for inst in instances if not inst.done and inst.max_new_tokens > 0]
+            if not live:
+                break
+            asks = step_inputs(serving.input_processor, live)
+            streams = await serving.add_all(f"{request_id}-beam{step}", [a[1] for a in asks], stream=False)
+            serving.engine.release_kv(kept)  # (applied after the adds: the forks are queued first)
+            kept = [s.request_id for s in streams]
+            try:
+                outs = await serving.final_outputs(streams)
+            finally:
+                serving.abort_unfinished(streams)
+            tops: dict[int, list] = {id(inst): [] for inst in live}
+            scored_by: dict[int, list] = {id(inst): [] for inst in live}
+            for (inst, _), out in zip(asks, outs):
+                if out.outputs[0].finish_reason in ("abort", "error") or not out.outputs[0].logprobs:
+                    raise OpenAIError(f"a beam search step ended with {out.outputs[0].finish_reason!r}", status=500,
+                                      type="server_error")
+                tops[id(inst)].append(out.outputs[0].logprobs[0])
+                scored_by[id(inst)].append(out.request_id)
+            for inst in live:
+                inst.advance(tops[id(inst)], scored_by[id(inst)])
+            step += 1
+    finally:
+        if kept:
+            serving.engine.release_kv(kept)
     results = []
     for i, inst in enumerate(instances):
         beams = inst.output(serving.tokenizer).sequences
