@@ -115,6 +115,8 @@ class ParallelConfig:
     distributed_executor_backend: str | None = None
     pipeline_parallel_size: int = 1  # stages of contiguous layers, one Ray actor (per TP rank) each
     data_parallel_size: int = 1  # engine replicas behind one front end (engine/dp/)
+    # a pipeline step's requests in this many groups in flight at once (0: one per stage)
+    pipeline_micro_batches: int = 0
 
     @property
     def world_size(self) -> int:
@@ -183,6 +185,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_micro_batches: int = 0  # 0: as many as stages (engine/pipeline/micro_batch.py)
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     quantization: str | None = None
@@ -227,6 +230,9 @@ class EngineArgs:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        mb = self.pipeline_micro_batches
+        if not isinstance(mb, int) or isinstance(mb, bool) or mb < 0:
+            raise ValueError(f"pipeline_micro_batches must be an integer >= 0 (0: one per stage), got {mb!r}")
         if self.distributed_executor_backend == "uni" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError("distributed_executor_backend='uni' runs one worker; tensor or pipeline parallelism "
                              "needs 'ray' (or leave it unset)")
@@ -302,7 +308,7 @@ class EngineArgs:
         if backend is None:
             backend = "ray" if self.tensor_parallel_size * self.pipeline_parallel_size > 1 else "uni"
         parallel = ParallelConfig(self.tensor_parallel_size, backend, self.pipeline_parallel_size,
-                                  self.data_parallel_size)
+                                  self.data_parallel_size, self.pipeline_micro_batches)
         return EngineConfig(
             model=model,
             cache=cache,

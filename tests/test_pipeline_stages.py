@@ -8,6 +8,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.errors import EngineStartupError, UnsupportedModelError
 from engine.executor.base import Executor
+from engine.pipeline.micro_batch import merge_outputs, split_step
 from engine.pipeline.partition import stage_layer_range
 from engine.pipeline.stage_runner import stage_weight_bytes
 from engine.pipeline.worker import PipelineWorker
@@ -28,10 +29,13 @@ class LocalPipelineExecutor(Executor):
         return [getattr(w, method)(*args, **kwargs) for w in self.workers]
 
     def execute_model(self, so):
-        out = None
-        for w in self.workers:
-            out = w.execute_stage(so, out)
-        return out
+        outs = []  # the micro-batches in order, each through every stage (each actor's order on Ray)
+        for group in split_step(so, self.config.parallel.pipeline_micro_batches or len(self.workers)):
+            out = None
+            for w in self.workers:
+                out = w.execute_stage(group, out)
+            outs.append(out)
+        return merge_outputs(outs)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,8 @@ def test_chained_stages_equal_the_whole_model(fixture, sizes, request, monkeypat
     num_layers = ref.llm_engine.config.model.num_layers
     ref.shutdown()
     monkeypatch.setattr("engine.core.llm_engine.make_executor", LocalPipelineExecutor)
-    for pp in sizes:
-        llm = LLM(path, pipeline_parallel_size=pp, num_gpu_blocks_override=64)
+    for pp in sizes:  # (micro-batches: one per stage, the default; pp=2 also in 3, more than it has stages)
+        llm = LLM(path, pipeline_parallel_size=pp, num_gpu_blocks_override=64, pipeline_micro_batches=3 if pp == 2 else 0)
         ex = llm.llm_engine.executor
         got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         assert got == want, f"pp={pp}"

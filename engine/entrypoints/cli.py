@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers into this many stages, one Ray actor each (docs/ray.md)")
+    g.add_argument("--pipeline-micro-batches", type=int, default=0,
+                   help="a pipeline step's requests in this many groups in flight, so stages overlap (0: one per stage)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine replicas on Ray behind this one server, routed by load and prefix (docs/ray.md)")
     g.add_argument("--distributed-executor-backend", default=None, choices=["ray", "uni"])

@@ -4,6 +4,7 @@ backwards), the architecture's hyperparameters under its GGUF keys, and the defa
 tokenizer copied from its GGUF. For loading tests of architectures no GGUF file exists offline for."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,13 @@ import torch
 GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "phi3": "phi3", "llama": "llama"}
 
 
-def _tokenizer_fields(reader) -> list[tuple[str, object, object]]:
-    """(key, value, GGUFValueType) of every tokenizer.* field of a GGUF file."""
+@lru_cache(maxsize=2)
+def _tokenizer_fields(path: str) -> tuple[tuple[str, object, object], ...]:
+    """(key, value, GGUFValueType) of every tokenizer.* field of a GGUF file (read once per file:
+    parsing 49,152 tokens and their merges takes seconds)."""
     import gguf
 
+    reader = gguf.GGUFReader(path)
     out = []
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -33,7 +37,7 @@ def _tokenizer_fields(reader) -> list[tuple[str, object, object]]:
             out.append((key, bytes(field.parts[field.data[0]]).decode(), kind))
         else:
             out.append((key, field.parts[field.data[0]].tolist()[0], kind))
-    return out
+    return tuple(out)
 
 
 def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: bool = False) -> Path:
@@ -61,7 +65,7 @@ def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: 
     rope = getattr(config, "rope_parameters", None) or {}
     if "rope_theta" in rope and not hasattr(config, "rope_theta"):
         writer.add_float32(f"{arch}.rope.freq_base", float(rope["rope_theta"]))
-    for key, value, kind in _tokenizer_fields(gguf.GGUFReader(str(tokenizer_gguf))):
+    for key, value, kind in _tokenizer_fields(str(tokenizer_gguf)):
         if isinstance(value, list):
             writer.add_array(key, value)
         else:
@@ -85,3 +89,18 @@ def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: 
     writer.write_tensors_to_file()
     writer.close()
     return out_path
+
+
+def q8_round_trip(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with the weights ``write_gguf(quantize_q8=True)`` stores as Q8_0 replaced by their
+    dequantized Q8_0 values (the gguf package's own quantize and dequantize): the reference for a
+    Q8_0 file."""
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[1] % 32 == 0:
+                data = p.detach().float().numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, q8), q8)).reshape(p.shape))
+    return model
