@@ -30,6 +30,7 @@ METRIC_FAMILIES = [
     ('vllm:engine_scheduler_num_priority_preemptions', 'gauge', 'Engine stat scheduler_num_priority_preemptions.'),
     ('vllm:engine_scheduler_num_swap_ins', 'gauge', 'Engine stat scheduler_num_swap_ins.'),
     ('vllm:engine_scheduler_num_forked_samples', 'gauge', 'Engine stat scheduler_num_forked_samples.'),
+    ('vllm:engine_scheduler_num_forked_beams', 'gauge', 'Engine stat scheduler_num_forked_beams.'),
     ('vllm:engine_scheduler_num_prefill_tokens', 'gauge', 'Engine stat scheduler_num_prefill_tokens.'),
     ('vllm:engine_scheduler_num_decode_tokens', 'gauge', 'Engine stat scheduler_num_decode_tokens.'),
     ('vllm:engine_scheduler_last_num_decodes', 'gauge', 'Engine stat scheduler_last_num_decodes.'),

@@ -105,6 +105,9 @@ class FakeEngine:
     def abort(self, request_ids) -> None:
         self.aborted += [request_ids] if isinstance(request_ids, str) else list(request_ids)
 
+    def release_kv(self, request_ids) -> None:  # no KV cache: nothing is ever kept
+        pass
+
     def get_stats(self) -> EngineStats:
         return EngineStats(num_running=4)
 

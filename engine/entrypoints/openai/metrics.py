@@ -71,6 +71,7 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
     _scheduler("num_priority_preemptions"),
     _scheduler("num_swap_ins"),
     _scheduler("num_forked_samples"),
+    _scheduler("num_forked_beams"),
     _scheduler("num_prefill_tokens"),
     _scheduler("num_decode_tokens"),
     _scheduler("last_num_decodes"),
