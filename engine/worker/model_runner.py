@@ -22,6 +22,7 @@ from engine.scheduler.output import SchedulerOutput
 from engine.spec_decode.proposer import DraftRequest, Proposer, make_proposer
 from engine.structured_output.apply import attach_grammar
 from engine.worker.graph_runner import StepGraphRunner, make_step_graph_runner
+from engine.worker.lazy_zeros import lazy_zeros, zeros_on
 from engine.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,13 @@ class ModelRunner:
         return self.kv_bytes_per_block() + extra
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        """Allocates every layer's K and V cache (zeroed, so unwritten slots are finite)."""
+        """Allocates every layer's K and V cache (zeroed, so unwritten slots are finite; on CPU as
+        anonymous memory that takes pages only where blocks are written: engine/worker/lazy_zeros.py)."""
         self.kv_caches = []
         for attn in self.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            k = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            k = zeros_on(shape, self.model_config.dtype, self.device)
+            v = zeros_on(shape, self.model_config.dtype, self.device)
             attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
             self.kv_caches.append((k, v))
         self.max_model_len = min(self.model_config.max_model_len, num_blocks * self.block_size)
@@ -146,13 +148,12 @@ class ModelRunner:
     def init_swap_space(self, num_host_blocks: int) -> None:
         """Host copies of every layer's K/V cache, same block layout, for preemption by swap."""
         pin = self.device.type == "cuda"
-        self.host_kv_caches = [
-            (
-                torch.zeros((num_host_blocks, *k.shape[1:]), dtype=k.dtype, pin_memory=pin),
-                torch.zeros((num_host_blocks, *v.shape[1:]), dtype=v.dtype, pin_memory=pin),
-            )
-            for k, v in self.kv_caches
-        ]
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            shape = (num_host_blocks, *t.shape[1:])
+            return torch.zeros(shape, dtype=t.dtype, pin_memory=True) if pin else lazy_zeros(shape, t.dtype)
+
+        self.host_kv_caches = [(host(k), host(v)) for k, v in self.kv_caches]
 
     def _apply_block_ops(self, so: SchedulerOutput) -> None:
         """Runs the step's block copies before its forward pass. Every read of a block that may have
