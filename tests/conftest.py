@@ -72,9 +72,23 @@ def tiny_model_path(tmp_path_factory, default_model_path) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_path)
 
 
+_HF_GREEDY: dict[tuple[str, tuple[int, ...], int], dict] = {}  # the session's references, by prompt
+
+
 def hf_greedy(model_path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
     """Greedy continuations from transformers, one prompt at a time, with each step's top-2 logit
-    gap. A plain decode loop (not ``generate``) so EOS is an ordinary token, as with ignore_eos."""
+    gap. A plain decode loop (not ``generate``) so EOS is an ordinary token, as with ignore_eos.
+    Each (model, prompt, length) is computed once per session: the golden test files share them."""
+    keys = [(str(model_path), tuple(ids), max_new_tokens) for ids in prompt_ids]
+    missing = [list(k[1]) for k in dict.fromkeys(keys) if k not in _HF_GREEDY]
+    if missing:
+        for key, result in zip([(str(model_path), tuple(ids), max_new_tokens) for ids in missing],
+                               _hf_greedy(model_path, missing, max_new_tokens)):
+            _HF_GREEDY[key] = result
+    return [{"tokens": list(_HF_GREEDY[k]["tokens"]), "gaps": list(_HF_GREEDY[k]["gaps"])} for k in keys]
+
+
+def _hf_greedy(model_path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
