@@ -80,11 +80,9 @@ def hf_greedy(model_path: Path, prompt_ids: list[list[int]], max_new_tokens: int
     gap. A plain decode loop (not ``generate``) so EOS is an ordinary token, as with ignore_eos.
     Each (model, prompt, length) is computed once per session: the golden test files share them."""
     keys = [(str(model_path), tuple(ids), max_new_tokens) for ids in prompt_ids]
-    missing = [list(k[1]) for k in dict.fromkeys(keys) if k not in _HF_GREEDY]
+    missing = [k for k in dict.fromkeys(keys) if k not in _HF_GREEDY]
     if missing:
-        for key, result in zip([(str(model_path), tuple(ids), max_new_tokens) for ids in missing],
-                               _hf_greedy(model_path, missing, max_new_tokens)):
-            _HF_GREEDY[key] = result
+        _HF_GREEDY.update(zip(missing, _hf_greedy(model_path, [list(k[1]) for k in missing], max_new_tokens)))
     return [{"tokens": list(_HF_GREEDY[k]["tokens"]), "gaps": list(_HF_GREEDY[k]["gaps"])} for k in keys]
 
 

@@ -131,7 +131,7 @@ class BeamSearchInstance:
     def beam_sources(self) -> list[str | None]:
         return [b.kv_source for b in self.running]
 
-    def advance(self, top: list[dict[int, Logprob]], scored_by: list[str] | None = None) -> None:
+    def advance(self, top: list[dict[int, Logprob]], scored_by: list[str]) -> None:
         """``top[b]``: token -> logprob of beam b's best ``num_candidates`` next tokens (at least);
         ``scored_by[b]``: the request that scored beam b (its continuations fork its blocks)."""
         p, width = self.params, self.width
@@ -144,8 +144,7 @@ class BeamSearchInstance:
         new_beams = []
         for (score, i, tok, lp), hit in zip(cands, hits):
             parent = self.running[i]
-            new_beams.append(_Beam(parent.tokens + [tok], score, parent.logprobs + [{tok: lp}],
-                                   scored_by[i] if scored_by is not None else None))
+            new_beams.append(_Beam(parent.tokens + [tok], score, parent.logprobs + [{tok: lp}], scored_by[i]))
         # the k best continuations that did not end run on (ended ones sink to the bottom)
         order = sorted(range(len(cands)), key=lambda j: -(cands[j][0] + (_FINISHED_BLOCKED if hits[j] else 0.0)))
         # (an ended one runs on only when more than k ended, with transformers' sunk score)
@@ -201,6 +200,18 @@ def step_inputs(input_processor: Any, live: list[BeamSearchInstance]) -> list[tu
     return asks
 
 
+def advance_all(live: list[BeamSearchInstance], asks: list[tuple[BeamSearchInstance, Any]], outs: list) -> None:
+    """One step's outputs (``outs[i]`` answers ``asks[i]``) into every live instance: each beam's
+    top logprobs, and the request that scored it (whose blocks its continuations fork)."""
+    tops: dict[int, list] = {id(inst): [] for inst in live}
+    scored_by: dict[int, list] = {id(inst): [] for inst in live}
+    for (inst, _), out in zip(asks, outs):
+        tops[id(inst)].append(out.outputs[0].logprobs[0])
+        scored_by[id(inst)].append(out.request_id)
+    for inst in live:
+        inst.advance(tops[id(inst)], scored_by[id(inst)])
+
+
 def step_params(instance: BeamSearchInstance) -> SamplingParams:
     """One scoring step of a beam: one greedy token, the top candidates' raw logprobs."""
     return SamplingParams(max_tokens=1, temperature=0.0, logprobs=instance.num_candidates, ignore_eos=True,
@@ -243,13 +254,7 @@ def run_beam_search(llm: LLM, prompts: list, params: BeamSearchParams) -> list[B
                 asks = [(inst, beam_ids) for inst in live for beam_ids in inst.beam_prompts()]
                 outs = llm.generate([a[1] for a in asks], [step_params(a[0]) for a in asks], use_tqdm=False)
             kept = [out.request_id for out in outs] if forks else []
-            tops: dict[int, list] = {id(inst): [] for inst in live}
-            scored_by: dict[int, list] = {id(inst): [] for inst in live}
-            for (inst, _), out in zip(asks, outs):
-                tops[id(inst)].append(out.outputs[0].logprobs[0])
-                scored_by[id(inst)].append(out.request_id)
-            for inst in live:
-                inst.advance(tops[id(inst)], scored_by[id(inst)] if forks else None)
+            advance_all(live, asks, outs)
     finally:
         if kept:
             engine.release_kv(kept)

@@ -337,7 +337,9 @@ class Scheduler:
     def _free_retained(self, everything: bool = False) -> bool:
         """Frees the retained requests that are due (all of them with ``everything``: the cache
         needs the room); returns whether any block table was freed."""
-        wanted = {r.kv_source for r in self.waiting if r.kv_source is not None}
+        if not self.retained:
+            return False
+        wanted = set() if everything else {r.kv_source for r in self.waiting if r.kv_source is not None}
         due = self.retained.take_due(self._step, wanted, everything)
         for req in due:
             self.kv_cache.free(req)
@@ -462,8 +464,7 @@ class Scheduler:
                 if req.structured_output_request is not None:
                     req.spec_token_ids = self.structured_output.validate_drafts(req, req.spec_token_ids)
             updated.append((req, kept))
-        if self.retained:  # the step that forked them has run: released sources can go
-            self._free_retained()
+        self._free_retained()  # the step that forked them has run: released sources can go
         return updated
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.core.input_processor import InvalidInputError
-from engine.entrypoints.beam_search import BeamSearchParams, make_instances, step_inputs
+from engine.entrypoints.beam_search import BeamSearchParams, advance_all, make_instances, step_inputs
 from engine.entrypoints.openai.protocol import Body, OpenAIError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -75,16 +75,11 @@ async def run_beam_search(serving: Any, prompt_ids: list[list[int]], bp: BeamSea
                 outs = await serving.final_outputs(streams)
             finally:
                 serving.abort_unfinished(streams)
-            tops: dict[int, list] = {id(inst): [] for inst in live}
-            scored_by: dict[int, list] = {id(inst): [] for inst in live}
-            for (inst, _), out in zip(asks, outs):
+            for out in outs:
                 if out.outputs[0].finish_reason in ("abort", "error") or not out.outputs[0].logprobs:
                     raise OpenAIError(f"a beam search step ended with {out.outputs[0].finish_reason!r}", status=500,
                                       type="server_error")
-                tops[id(inst)].append(out.outputs[0].logprobs[0])
-                scored_by[id(inst)].append(out.request_id)
-            for inst in live:
-                inst.advance(tops[id(inst)], scored_by[id(inst)])
+            advance_all(live, asks, outs)
             step += 1
     finally:
         if kept:
