@@ -11,26 +11,42 @@ import torch
 from engine.kernels.cpu import gguf_ops
 from engine.kernels.cpu.ops import load as load_fp32
 from engine.layers.quantization.gguf import GGUFLinearMethod, gguf_rows
-from engine.layers.quantization.gguf_blocks import BLOCK_BYTES, KERNEL_TYPES, Q4_1, dequantize, quantize_reference
+from engine.layers.quantization.gguf_blocks import (
+    FORMATS, KERNEL_TYPES, Q4_1, block_values, dequantize, quantize_reference, row_bytes,
+)
 
 TYPES = sorted(KERNEL_TYPES)
 
 
 def random_blocks(n: int, k: int, type_id: int, seed: int = 0) -> torch.Tensor:
-    """Random bytes with random finite fp16 scales (and Q4_1 minimums) of realistic size."""
+    """Random bytes (every quant, packed scale and fifth bit) with random finite fp16 scales of
+    realistic size (the second of two, a minimum, negative)."""
     g = torch.Generator().manual_seed(seed)
-    nb, bb = k // 32, BLOCK_BYTES[type_id]
-    blocks = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=g)
-    blocks[..., 0:2] = (torch.rand(n, nb, 1, generator=g) * 0.02 + 1e-4).half().view(torch.uint8)
-    if type_id == Q4_1:
-        blocks[..., 2:4] = (-torch.rand(n, nb, 1, generator=g) * 0.1).half().view(torch.uint8)
-    return blocks.reshape(n, nb * bb)
+    f = FORMATS[type_id]
+    nb = k // f.values
+    blocks = torch.randint(0, 256, (n, nb, f.nbytes), dtype=torch.uint8, generator=g)
+    for i, at in enumerate(f.half_offsets):
+        sign = -1 if i else 1
+        blocks[..., at:at + 2] = (sign * (torch.rand(n, nb, 1, generator=g) * 0.02 + 1e-4)).half().view(torch.uint8)
+    return blocks.reshape(n, nb * f.nbytes)
+
+
+def width(type_id: int, blocks: int) -> int:
+    """K of ``blocks`` whole blocks of the type (32 or 256 values each)."""
+    return blocks * block_values(type_id)
 
 
 def gguf_reference(blocks: torch.Tensor, type_id: int) -> torch.Tensor:
     from gguf import GGMLQuantizationType, dequantize as np_dequantize
 
     return torch.from_numpy(np.ascontiguousarray(np_dequantize(blocks.numpy(), GGMLQuantizationType(type_id))))
+
+
+def assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """y == x @ w.T (+ bias) within fp32 summation error, which is relative to sum |x| |w|."""
+    ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+    scale = x.abs().double() @ w.abs().double().t()
+    assert ((y.double() - ref).abs() <= 1e-6 * scale + 1e-5).all(), (y.double() - ref).abs().max()
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +59,25 @@ def kernels():
 
 @pytest.mark.parametrize("type_id", TYPES, ids=[KERNEL_TYPES[t] for t in TYPES])
 def test_dequantization_equals_the_gguf_package(kernels, type_id):
-    blocks = random_blocks(37, 96, type_id)
+    k = width(type_id, 3)
+    blocks = random_blocks(37, k, type_id)
     ref = gguf_reference(blocks, type_id)
-    assert torch.equal(dequantize(blocks, type_id, 96), ref)
-    assert torch.equal(kernels.dequant(blocks, type_id, 96), ref)
+    assert torch.equal(dequantize(blocks, type_id, k), ref)
+    assert torch.equal(kernels.dequant(blocks, type_id, k), ref)
     ids = torch.tensor([[5, 0], [36, 5]])
-    assert torch.equal(kernels.dequant_rows(blocks, type_id, 96, ids), ref[ids])
+    assert torch.equal(kernels.dequant_rows(blocks, type_id, k, ids), ref[ids])
 
 
 @pytest.mark.parametrize("type_id", TYPES, ids=[KERNEL_TYPES[t] for t in TYPES])
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
 def test_kernel_equals_dequantize_then_matmul(kernels, type_id, m):
-    n, k = 45, 160  # N leaves a tail in every tile size; K is 5 blocks
+    n, k = 45, width(type_id, 5 if block_values(type_id) == 32 else 2)  # N leaves a tail in every tile size
     blocks = random_blocks(n, k, type_id, seed=m)
     w = gguf_reference(blocks, type_id)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(n)
     y = kernels.linear(x, blocks, type_id, k, bias)
-    torch.testing.assert_close(y, torch.addmm(bias.double(), x.double(), w.double().t()).float(), rtol=1e-5, atol=1e-5)
+    assert_matmul_close(y, x, w, bias)
     fp32 = load_fp32()
     if fp32 is not None:  # the same summation as the fp32 kernel: the same bits
         assert torch.equal(y, fp32.linear(x, w, bias))
@@ -94,12 +111,13 @@ def test_torch_fallback_without_the_kernels(monkeypatch):
 
 @pytest.mark.parametrize("type_id", TYPES, ids=[KERNEL_TYPES[t] for t in TYPES])
 def test_reference_quantizer_round_trips(type_id):
-    w = torch.randn(8, 64)
+    k = width(type_id, 2)
+    w = torch.randn(8, k)
     blocks = quantize_reference(w, type_id)
-    assert blocks.shape == (8, 2 * BLOCK_BYTES[type_id])
-    err = (dequantize(blocks, type_id, 64) - w).abs().max().item()
+    assert blocks.shape == (8, row_bytes(type_id, k))
+    err = (dequantize(blocks, type_id, k) - w).abs().max().item()
     assert err < (0.05 if type_id == 8 else 0.5)
-    assert torch.equal(dequantize(blocks, type_id, 64), gguf_reference(blocks, type_id))
+    assert torch.equal(dequantize(blocks, type_id, k), gguf_reference(blocks, type_id))
 
 
 @pytest.mark.parametrize("march,isa", [("x86-64", "generic"), ("x86-64-v3", "avx2")])
@@ -121,9 +139,10 @@ def test_other_builds_match(tmp_path, march, isa):
         pytest.skip(str(e))
     assert generic.isa == isa
     for type_id in TYPES:
-        blocks = random_blocks(13, 64, type_id, seed=type_id)
+        k = width(type_id, 2)
+        blocks = random_blocks(13, k, type_id, seed=type_id)
         ref = gguf_reference(blocks, type_id)
-        assert torch.equal(generic.dequant(blocks, type_id, 64), ref)
-        x = torch.randn(5, 64)
-        torch.testing.assert_close(generic.linear(x, blocks, type_id, 64), x @ ref.t(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(generic.linear(x[:1], blocks, type_id, 64), x[:1] @ ref.t(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(generic.dequant(blocks, type_id, k), ref)
+        x = torch.randn(5, k)
+        assert_matmul_close(generic.linear(x, blocks, type_id, k), x, ref)
+        assert_matmul_close(generic.linear(x[:1], blocks, type_id, k), x[:1], ref)

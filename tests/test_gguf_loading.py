@@ -15,8 +15,8 @@ from engine.distributed.parallel_state import set_tp_group
 from engine.errors import UnsupportedModelError
 from engine.layers.embedding import VocabParallelEmbedding
 from engine.layers.linear import LinearBase
-from engine.layers.quantization.gguf import GGUFLinearMethod, dequantized_weight, gguf_rows
-from engine.layers.quantization.gguf_blocks import Q4_0, Q4_1, Q8_0, dequantize, quantize_reference
+from engine.layers.quantization.gguf import GGUFLinearMethod, GGUFPartsLinearMethod, dequantized_weight, gguf_rows
+from engine.layers.quantization.gguf_blocks import KERNEL_TYPES, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, dequantize, quantize_reference
 from engine.layers.quantization.gguf_loader import load_gguf_weights
 from engine.layers.quantization.gguf_reader import GGUFFormatError
 from engine.models.loader import build_model, load_weights
@@ -79,7 +79,7 @@ def write_tiny_gguf(path: Path, types: dict[str, int], tied: bool = False, seed:
         if key in ("attn_q", "attn_k"):
             stored = llama_cpp_row_order(w, HEADS if key == "attn_q" else KV_HEADS)
         type_id = types.get(key, Q4_1)
-        if type_id in (Q4_0, Q4_1, Q8_0):
+        if type_id in KERNEL_TYPES:
             blocks = quantize_reference(stored, type_id)
             deq = dequantize(blocks, type_id, w.shape[1])
             reference[name] = deq if stored is w else _undo(deq, key)
@@ -118,13 +118,13 @@ def _assert_same_weights(gguf_model: nn.Module, ref_model: nn.Module) -> int:
     kept = 0
     for name, module in gguf_model.named_modules():
         if isinstance(module, (LinearBase, VocabParallelEmbedding)):
-            if getattr(module, "gguf_type", None) is not None:
+            if getattr(module, "gguf_k", None) is not None:
                 kept += 1
                 assert torch.equal(dequantized_weight(module), ref[name].weight.data), name
             else:
                 assert torch.equal(module.weight.data, ref[name].weight.data), name
     for (name, p), (_, q) in zip(gguf_model.named_parameters(), ref_model.named_parameters()):
-        if p.dim() == 1:
+        if p.dim() == 1 and p.dtype != torch.uint8:  # norms (a uint8 one is a fused layer's parts)
             assert torch.equal(p, q), name
     return kept
 
@@ -132,19 +132,28 @@ def _assert_same_weights(gguf_model: nn.Module, ref_model: nn.Module) -> int:
 @pytest.mark.parametrize("tied", [False, True], ids=["separate-head", "tied"])
 def test_tiny_file_loads_with_the_checkpoint_values(tmp_path, tied):
     path = tmp_path / "tiny.gguf"
-    reference = write_tiny_gguf(path, {"token_embd": Q8_0, "attn_v": Q4_0, "ffn_down": Q8_0}, tied=tied)
+    reference = write_tiny_gguf(path, {"token_embd": Q8_0, "attn_v": Q4_0, "ffn_down": Q8_0, "attn_output": Q5_0,
+                                       "ffn_gate": Q5_1, "ffn_up": Q5_1}, tied=tied)
     model = build_model(tiny_config(tied), torch.float32, torch.device("cpu"))
     kept = load_gguf_weights(model, path, tiny_config(tied))
     ref_model = _reference_model(tmp_path, reference, tied)
-    # 2 layers x (qkv mixes Q4_1 and Q4_0: dequantized at load; o, gate_up, down) + embedding (+ head)
-    assert kept == LAYERS * 3 + (1 if tied else 2)
-    assert _assert_same_weights(model, ref_model) == LAYERS * 3 + 2  # a tied head shares the embedding
+    # 2 layers x (qkv, o, gate_up, down) + embedding (+ head)
+    assert kept == LAYERS * 4 + (1 if tied else 2)
+    assert _assert_same_weights(model, ref_model) == LAYERS * 4 + 2  # a tied head shares the embedding
     assert isinstance(model.lm_head.linear_method, GGUFLinearMethod)
-    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32  # the mixed one
+    qkv = model.model.layers[0].self_attn.qkv_proj  # q and k in Q4_1, v in Q4_0: each part in its own type
+    assert isinstance(qkv.linear_method, GGUFPartsLinearMethod)
+    q_rows, kv_rows = HIDDEN, KV_HEADS * 16
+    assert [(p.start, p.stop, p.type_id) for p in qkv.gguf_parts] == [
+        (0, q_rows, Q4_1), (q_rows, q_rows + kv_rows, Q4_1), (q_rows + kv_rows, q_rows + 2 * kv_rows, Q4_0)]
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.uint8
     ids = torch.tensor([0, 5, 95])
     assert torch.equal(model.model.embed_tokens(ids), ref_model.model.embed_tokens(ids))
     x = torch.randn(3, HIDDEN)
+    ref_qkv = ref_model.model.layers[0].self_attn.qkv_proj
+    for m in (1, 3, 300):  # the C kernel per part, and the dequantized slabs past its rows
+        xm = torch.randn(m, HIDDEN)
+        torch.testing.assert_close(qkv(xm), ref_qkv(xm), rtol=1e-5, atol=1e-5)
     # the fp32 path's packed GEMM sums each output in one chain over k, the GGUF kernel in 8 lanes: the
     # two agree to fp32 summation error, not bit for bit
     torch.testing.assert_close(model.lm_head(x), ref_model.lm_head(x), rtol=1e-5, atol=1e-5)
@@ -152,7 +161,7 @@ def test_tiny_file_loads_with_the_checkpoint_values(tmp_path, tied):
 
 def test_tensor_parallel_shards_fall_on_whole_blocks(tmp_path):
     path = tmp_path / "tp.gguf"
-    reference = write_tiny_gguf(path, {})
+    reference = write_tiny_gguf(path, {"attn_v": Q8_0})  # a fused qkv of two types, kept in parts
     try:
         for rank in range(2):
             set_tp_group(rank, 2)
@@ -175,7 +184,8 @@ def test_unsupported_type_names_it_and_the_supported_list(tmp_path):
     path = tmp_path / "k.gguf"
     write_tiny_gguf(path, {"ffn_down": int(GGMLQuantizationType.IQ4_NL)})
     model = build_model(tiny_config(False), torch.float32, torch.device("cpu"))
-    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_down\.weight is IQ4_NL.*Q4_0, Q4_1, Q8_0"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"blk\.0\.ffn_down\.weight is IQ4_NL.*Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0"):
         load_gguf_weights(model, path, tiny_config(False))
     assert "IQ4_NL" in unsupported_reason(path)
 

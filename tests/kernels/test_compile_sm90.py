@@ -88,9 +88,11 @@ def _cases() -> dict[str, Case]:
     from engine.kernels import gguf_matmul
     from engine.layers.quantization.gguf_blocks import BLOCK_BYTES
 
-    for type_id, name in ((2, "q4_0"), (3, "q4_1"), (8, "q8_0")):
+    from engine.layers.quantization.gguf_blocks import KERNEL_TYPES
+
+    for type_id, name in ((t, n.lower()) for t, n in KERNEL_TYPES.items()):
         for dt, m in (("bf16", 1), ("fp32", 300)):
-            block_m, block_n, block_k, num_warps = gguf_matmul.launch_config(m)
+            block_m, block_n, block_k, num_warps = gguf_matmul.launch_config(m, type_id)
             cases[f"gguf_matmul-{name}-{dt}-m{m}"] = (
                 "gguf_matmul", "_gguf_matmul_kernel",
                 dict(x_ptr=_p(dt), w_ptr="*u8", out_ptr=_p(dt)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,9 +41,12 @@ def _tokenizer_fields(path: str) -> tuple[tuple[str, object, object], ...]:
     return tuple(out)
 
 
-def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: bool = False) -> Path:
+def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: bool = False,
+               types: Callable[[str], int | None] | None = None) -> Path:
     """``hf_dir`` (a model whose vocabulary is the default model's) as a GGUF file; 2-D weights
-    stored as Q8_0 when ``quantize_q8``, everything else F32."""
+    stored as Q8_0 when ``quantize_q8`` (the gguf package's quantizer), or in the GGML type
+    ``types(gguf name)`` gives (engine/layers/quantization/gguf_blocks.quantize_reference; None:
+    F32); everything else F32. Llama q/k rows are stored in llama.cpp's rotary interleave."""
     import gguf
     from transformers import AutoModelForCausalLM
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
@@ -79,7 +83,17 @@ def write_gguf(hf_dir: Path, out_path: Path, tokenizer_gguf: Path, quantize_q8: 
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1  # llama.cpp stores Gemma's 1 + w; transformers' reader subtracts the 1
         name = hf_to_gguf[hf_name]
-        if quantize_q8 and data.ndim == 2 and data.shape[1] % 32 == 0:
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            data = np.ascontiguousarray(
+                data.reshape(heads, 2, data.shape[0] // heads // 2, data.shape[1]).swapaxes(1, 2).reshape(data.shape))
+        type_id = types(name) if types is not None and data.ndim == 2 else None
+        if type_id is not None:
+            from engine.layers.quantization.gguf_blocks import quantize_reference
+
+            q = quantize_reference(torch.from_numpy(data), type_id).numpy()
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType(type_id))
+        elif quantize_q8 and data.ndim == 2 and data.shape[1] % 32 == 0:
             q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
@@ -103,4 +117,24 @@ def q8_round_trip(model: torch.nn.Module) -> torch.nn.Module:
             if p.dim() == 2 and p.shape[1] % 32 == 0:
                 data = p.detach().float().numpy()
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, q8), q8)).reshape(p.shape))
+    return model
+
+
+def round_trip(model: torch.nn.Module, types: Callable[[str], int | None]) -> torch.nn.Module:
+    """``model`` with each 2-D weight that ``write_gguf(types=types)`` stores quantized replaced by
+    its values after the round trip (quantize_reference, then the gguf package's dequantize): the
+    reference for such a file. Quantization is per row, so llama's row interleave commutes with it."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    from engine.layers.quantization.gguf_blocks import quantize_reference
+
+    hf_to_gguf = {hf: g for g, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    with torch.no_grad():
+        for hf_name, p in model.named_parameters():
+            type_id = types(hf_to_gguf[hf_name]) if p.dim() == 2 and hf_name in hf_to_gguf else None
+            if type_id is None:
+                continue
+            blocks = quantize_reference(p.detach().float(), type_id).numpy()
+            p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(type_id))).reshape(p.shape))
     return model

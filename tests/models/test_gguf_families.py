@@ -13,7 +13,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from tests.conftest import assert_greedy_match
-from tests.models.gguf_file import q8_round_trip, write_gguf
+from tests.models.gguf_file import q8_round_trip, round_trip, write_gguf
 from tests.models.tiny import family_configs, save_tiny
 
 PROMPTS = [[5, 17, 300, 41, 9, 77, 1200, 33] * 3, [902, 4, 4, 18000, 250, 7, 61, 3001, 12, 44, 9]]
@@ -69,5 +69,55 @@ def test_gguf_of_family_loads_and_matches_transformers(tmp_path, default_model_p
                             SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
         for i, (out, ref) in enumerate(zip(outs, refs)):
             assert_greedy_match(list(out.outputs[0].token_ids), ref, label=f"{family} GGUF prompt {i}")
+    finally:
+        llm.shutdown()
+
+
+def q4_k_m_type(name: str) -> int | None:
+    """llama.cpp's Q4_K_M choice for a 2-layer model: Q4_K, with Q6_K for the output and for attn_v
+    and ffn_down in the layers it gives more bits (here the last one); one Q5_K tensor (a Q5_K_M
+    file's type) so that every k-quant runs."""
+    from engine.layers.quantization.gguf_blocks import Q4_K, Q5_K, Q6_K
+
+    if name == "output.weight" or name in ("blk.1.attn_v.weight", "blk.1.ffn_down.weight"):
+        return Q6_K
+    if name == "blk.1.attn_output.weight":
+        return Q5_K
+    return Q4_K
+
+
+def test_q4_k_m_file_keeps_its_k_quants_and_matches_its_dequantized_reference(tmp_path, default_model_path):
+    """A Q4_K_M-style llama file (rows of 256 and 512 values: whole super-blocks) loads with every
+    weight kept in its k-quant blocks, layer 1's fused qkv as Q4_K and Q6_K parts, and its greedy
+    tokens equal transformers' on the dequantized weights, batched and at batch 1."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from engine.layers.quantization.gguf import GGUFPartsLinearMethod
+    from engine.layers.quantization.gguf_blocks import Q4_K, Q6_K
+    from engine.models.default_model import find_default_gguf
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    hf_dir = save_tiny(config, tmp_path / "hf", default_model_path)
+    path = write_gguf(hf_dir, tmp_path / "tiny-llama-Q4_K_M.gguf", find_default_gguf(), types=q4_k_m_type)
+    ref_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ref_model = round_trip(ref_model, q4_k_m_type)
+    refs = [_hf_greedy(ref_model, p, 10) for p in PROMPTS]
+    llm = LLM(str(path), num_gpu_blocks_override=64, max_model_len=256)
+    try:
+        model = llm.llm_engine.executor.worker.runner.model
+        assert all(getattr(m, "gguf_k", None) for m in model.modules() if hasattr(m, "linear_method"))
+        qkv = model.model.layers[1].self_attn.qkv_proj
+        assert isinstance(qkv.linear_method, GGUFPartsLinearMethod)
+        assert [p.type_id for p in qkv.gguf_parts] == [Q4_K, Q4_K, Q6_K]
+        assert model.model.layers[0].self_attn.qkv_proj.gguf_type == Q4_K
+        assert model.lm_head.gguf_type == Q6_K and model.model.embed_tokens.gguf_type == Q4_K
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        batched = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        for i, (out, ref) in enumerate(zip(batched, refs)):
+            assert_greedy_match(list(out.outputs[0].token_ids), ref, label=f"Q4_K_M prompt {i}")
+        single = llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
+        assert_greedy_match(list(single[0].outputs[0].token_ids), refs[1], label="Q4_K_M alone")
     finally:
         llm.shutdown()

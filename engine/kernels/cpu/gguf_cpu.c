@@ -1,17 +1,26 @@
-/* fp32 activations times GGUF weight blocks (Q4_0, Q4_1, Q8_0), dequantized in registers.
+/* fp32 activations times GGUF weight blocks, dequantized in registers.
  *
  * A weight is [N, K] in the GGUF block layout, row after row (row stride ldw bytes), each row K/32
- * blocks of 32 values along K:
- *   Q4_0 (18 bytes): fp16 d, 16 bytes of nibbles;     w = d * (q - 8)
- *   Q4_1 (20 bytes): fp16 d, fp16 m, 16 nibbles;       w = d * q + m
- *   Q8_0 (34 bytes): fp16 d, 32 int8;                  w = d * q
- * Byte j of the nibbles holds value j (low nibble) and value j + 16 (high nibble).
+ * blocks of 32 values along K, or K/256 k-quant super-blocks of eight 32-value sub-blocks:
+ *   Q4_0 (18 bytes): fp16 d, 16 bytes of nibbles;                 w = d * (q - 8)
+ *   Q4_1 (20 bytes): fp16 d, fp16 m, 16 nibbles;                   w = d * q + m
+ *   Q5_0 (22 bytes): fp16 d, 4 bytes of fifth bits, 16 nibbles;    w = d * (q - 16)
+ *   Q5_1 (24 bytes): fp16 d, fp16 m, fifth bits, nibbles;          w = d * q + m
+ *   Q8_0 (34 bytes): fp16 d, 32 int8;                              w = d * q
+ *   Q4_K (144 bytes / 256): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles;
+ *                                                                  w = (d * sc_j) * q - dmin * m_j
+ *   Q5_K (176 bytes / 256): as Q4_K with 32 bytes of fifth bits before the nibbles
+ *   Q6_K (210 bytes / 256): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (one
+ *                           per 16 values), fp16 d;                w = (d * sc) * (q - 32)
+ * In the 32-value types byte j of the nibbles holds value j (low) and value j + 16 (high); the
+ * k-quants' orders are in sub_q (the gguf package's numpy dequantization is the reference).
  *
  * Exactness: every value is rebuilt with the bits the gguf package's numpy dequantization gives
- * (d * q is exact in fp32: 11 + 8 significant bits at most, so Q4_1's fma(d, q, m) rounds once,
- * as d * q + m does). The products are then summed exactly as f32_linear in fp32_cpu.c sums them
- * (8 lane-wise FMA chains over k in order, the same horizontal sum), so a row's result has the same
- * bits as f32_linear on the dequantized weight, at every batch size.
+ * (each product of scales and integers is exact in fp32, at most 11 + 7 + 6 significant bits, so a
+ * value with an offset, fma(a, q, c), rounds once, as numpy's a * q + c does). The products are then
+ * summed exactly as f32_linear in fp32_cpu.c sums them (8 lane-wise FMA chains over k in order, the
+ * same horizontal sum), so a row's result has the same bits as f32_linear on the dequantized
+ * weight, at every batch size.
  *
  * M == 1 streams each block once and never writes the dequantized values; M > 1 dequantizes a tile
  * of weight rows once into a per-thread buffer that every row of x then passes over.
@@ -35,19 +44,27 @@
 #define GQ_ISA "generic"
 #endif
 
-enum { GQ_Q4_0 = 2, GQ_Q4_1 = 3, GQ_Q8_0 = 8 }; /* GGML type numbers */
+enum { GQ_Q4_0 = 2, GQ_Q4_1 = 3, GQ_Q5_0 = 6, GQ_Q5_1 = 7, GQ_Q8_0 = 8, GQ_Q4_K = 12, GQ_Q5_K = 13, GQ_Q6_K = 14 };
 
 const char *gq_isa(void) { return GQ_ISA; }
 
-/* bytes per block of 32 values, 0 for a type this file does not know */
+/* bytes per block, 0 for a type this file does not know */
 int64_t gq_block_bytes(int64_t type) {
     switch (type) {
     case GQ_Q4_0: return 18;
     case GQ_Q4_1: return 20;
+    case GQ_Q5_0: return 22;
+    case GQ_Q5_1: return 24;
     case GQ_Q8_0: return 34;
+    case GQ_Q4_K: return 144;
+    case GQ_Q5_K: return 176;
+    case GQ_Q6_K: return 210;
     default: return 0;
     }
 }
+
+/* 32-value sub-blocks per block: 8 in a k-quant super-block of 256 values, else 1 */
+static inline int64_t subs_per_block(int64_t type) { return type >= GQ_Q4_K ? 8 : 1; }
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h;
@@ -68,87 +85,176 @@ static inline float half_to_float(const uint8_t *p) {
 #endif
 }
 
-/* one block's 32 values, scalar (the reference for the vector path, and the generic build) */
-static void dequant_block(const uint8_t *b, int64_t type, float *out) {
-    const float d = half_to_float(b);
-    if (type == GQ_Q8_0) {
-        const int8_t *q = (const int8_t *)(b + 2);
-        for (int i = 0; i < 32; i++) out[i] = d * (float)q[i];
-        return;
+/* Q4_K / Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes s */
+static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
     }
-    const int q41 = type == GQ_Q4_1;
-    const float m = q41 ? half_to_float(b + 2) : 0.0f;
-    const uint8_t *qs = b + (q41 ? 4 : 2);
-    for (int i = 0; i < 16; i++) {
-        const int lo = qs[i] & 0x0f, hi = qs[i] >> 4;
-        if (q41) {
-            const float pl = d * (float)lo, ph = d * (float)hi; /* exact; the sum rounds once */
-            out[i] = pl + m;
-            out[i + 16] = ph + m;
-        } else {
-            out[i] = d * (float)(lo - 8);
-            out[i + 16] = d * (float)(hi - 8);
-        }
+}
+
+/* The per-sub-block constants of a value w = a * q + c (q the stored integer, as a float): every
+ * type's value is one fma of exact products, so it rounds once, as the gguf package's numpy does.
+ * Q6_K has two scales per sub-block (one per 16 values): a2 is the second half's. */
+struct sub_consts { float a, a2, c; };
+
+static inline __attribute__((always_inline)) struct sub_consts sub_consts(const uint8_t *b, int type, int j) {
+    struct sub_consts k = {0, 0, 0};
+    if (type == GQ_Q6_K) {
+        const float d = half_to_float(b + 208);
+        k.a = d * (float)(int8_t)b[192 + 2 * j];
+        k.a2 = d * (float)(int8_t)b[193 + 2 * j];
+        k.c = -32.0f; /* applied to q before the scale: (q - 32) * a, exact */
+        return k;
+    }
+    if (type == GQ_Q4_K || type == GQ_Q5_K) {
+        int sc, mn;
+        k_scale_min(b + 4, j, &sc, &mn);
+        k.a = half_to_float(b) * (float)sc;
+        k.c = -(half_to_float(b + 2) * (float)mn);
+        return k;
+    }
+    k.a = half_to_float(b);
+    if (type == GQ_Q4_1 || type == GQ_Q5_1) k.c = half_to_float(b + 2);
+    else if (type == GQ_Q4_0) k.c = -8.0f * k.a; /* fma(d, q, -8d) = d (q - 8) exactly */
+    else if (type == GQ_Q5_0) k.c = -16.0f * k.a;
+    return k;
+}
+
+/* the stored integer of value i (0..31) of sub-block j (scalar; Q8_0 and Q6_K signed before c) */
+static inline int sub_q(const uint8_t *b, int type, int j, int i) {
+    switch (type) {
+    case GQ_Q8_0: return (int8_t)b[2 + i];
+    case GQ_Q4_0: return i < 16 ? b[2 + i] & 15 : b[2 + i - 16] >> 4;
+    case GQ_Q4_1: return i < 16 ? b[4 + i] & 15 : b[4 + i - 16] >> 4;
+    case GQ_Q5_0:
+    case GQ_Q5_1: {
+        const int at = type == GQ_Q5_0 ? 2 : 4;
+        const int lo = i < 16 ? b[at + 4 + i] & 15 : b[at + 4 + i - 16] >> 4;
+        return lo | (((b[at + i / 8] >> (i % 8)) & 1) << 4);
+    }
+    case GQ_Q4_K: return (b[16 + 32 * (j / 2) + i] >> (4 * (j % 2))) & 15;
+    case GQ_Q5_K: return ((b[48 + 32 * (j / 2) + i] >> (4 * (j % 2))) & 15) | (((b[16 + i] >> j) & 1) << 4);
+    default: { /* Q6_K: value 128 h + 32 s + i of the super-block, j = 4 h + s */
+        const int h = j / 4, s = j % 4;
+        const int lo = (b[64 * h + 32 * (s % 2) + i] >> (4 * (s / 2))) & 15;
+        return lo | (((b[128 + 32 * h + i] >> (2 * s)) & 3) << 4);
+    }
+    }
+}
+
+/* sub-block j of block b: 32 values, scalar (the reference for the vector path, and the generic build) */
+static void dequant_sub(const uint8_t *b, int type, int j, float *out) {
+    const struct sub_consts k = sub_consts(b, type, j);
+    for (int i = 0; i < 32; i++) {
+        const int q = sub_q(b, type, j, i);
+        if (type == GQ_Q8_0) out[i] = k.a * (float)q;
+        else if (type == GQ_Q6_K) out[i] = (i < 16 ? k.a : k.a2) * (float)(q - 32);
+        else out[i] = k.a * (float)q + k.c; /* an exact product: the sum rounds once, as an fma would */
     }
 }
 
 #ifdef GQ_AVX2
-/* one block's 32 values as 4 vectors (values 0-7, 8-15, 16-23, 24-31), same bits as dequant_block */
-static inline __attribute__((always_inline)) void dequant8x4(const uint8_t *b, int type, __m256 w[4]) {
-    uint32_t dm;
-    memcpy(&dm, b, 4); /* d (and Q4_1's m, or Q4_0's first nibbles: unused) */
-    const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm));
-    const __m256 d = _mm256_broadcastss_ps(s);
+/* 8 bytes at p widened to int32 lanes */
+static inline __m256i widen8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+/* sub-block j of block b as 4 vectors (values 0-7, 8-15, 16-23, 24-31), same bits as dequant_sub */
+static inline __attribute__((always_inline)) void dequant8x4(const uint8_t *b, int type, int j, __m256 w[4]) {
+    const struct sub_consts k = sub_consts(b, type, j);
+    const __m256 a = _mm256_set1_ps(k.a), c = _mm256_set1_ps(k.c);
+    const __m256i m4 = _mm256_set1_epi32(15);
     if (type == GQ_Q8_0) {
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_mul_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                        _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)))));
+        return;
+    }
+    __m256i q[4];
+    if (type == GQ_Q4_0 || type == GQ_Q4_1 || type == GQ_Q5_0 || type == GQ_Q5_1) {
+        const uint8_t *qs = b + (type == GQ_Q4_0 ? 2 : type == GQ_Q4_1 ? 4 : type == GQ_Q5_0 ? 6 : 8);
+        const __m256i b0 = widen8(qs), b1 = widen8(qs + 8); /* low nibbles: values 0-15, high: 16-31 */
+        q[0] = b0, q[1] = b1, q[2] = _mm256_srli_epi32(b0, 4), q[3] = _mm256_srli_epi32(b1, 4);
+        if (type == GQ_Q5_0 || type == GQ_Q5_1) {
+            uint32_t qh;
+            memcpy(&qh, b + (type == GQ_Q5_0 ? 2 : 4), 4);
+            const __m256i h = _mm256_set1_epi32((int)qh), one = _mm256_set1_epi32(1);
+            for (int i = 0; i < 4; i++) {
+                const __m256i bit = _mm256_and_si256(
+                    _mm256_srlv_epi32(h, _mm256_setr_epi32(8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 5,
+                                                           8 * i + 6, 8 * i + 7)), one);
+                q[i] = _mm256_or_si256(_mm256_and_si256(q[i], m4), _mm256_slli_epi32(bit, 4));
+            }
+        }
+    } else if (type == GQ_Q4_K || type == GQ_Q5_K) {
+        const uint8_t *qs = b + (type == GQ_Q4_K ? 16 : 48) + 32 * (j / 2);
+        const int shift = 4 * (j % 2);
+        for (int i = 0; i < 4; i++) q[i] = _mm256_srli_epi32(widen8(qs + 8 * i), shift);
+        if (type == GQ_Q5_K)
+            for (int i = 0; i < 4; i++) {
+                const __m256i bit = _mm256_and_si256(_mm256_srli_epi32(widen8(b + 16 + 8 * i), j), _mm256_set1_epi32(1));
+                q[i] = _mm256_or_si256(_mm256_and_si256(q[i], m4), _mm256_slli_epi32(bit, 4));
+            }
+    } else { /* Q6_K */
+        const int h = j / 4, s = j % 4;
+        const uint8_t *ql = b + 64 * h + 32 * (s % 2), *qh = b + 128 + 32 * h;
+        const __m256 a2 = _mm256_set1_ps(k.a2);
         for (int i = 0; i < 4; i++) {
-            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)));
-            w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+            const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(widen8(ql + 8 * i), 4 * (s / 2)), m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(widen8(qh + 8 * i), 2 * s), _mm256_set1_epi32(3));
+            const __m256i v = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+            w[i] = _mm256_mul_ps(i < 2 ? a : a2, _mm256_cvtepi32_ps(v));
         }
         return;
     }
-    const int q41 = type == GQ_Q4_1;
-    /* Q4_0: fma(d, q, -8 d) = d * (q - 8) exactly (the exact value is an fp32 number) */
-    const __m256 c = q41 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), _mm256_set1_epi32(1))
-                         : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
-    const uint8_t *qs = b + (q41 ? 4 : 2);
-    /* bytes 0-7 and 8-15 widened to int32 lanes: low nibbles are values 0-15, high ones 16-31 */
-    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
-    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+    if (type == GQ_Q5_0 || type == GQ_Q5_1 || type == GQ_Q5_K) {
+        for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(q[i]), c);
+        return;
+    }
 #ifdef __AVX512VL__
-    /* the block's 16 possible values (the same fma per value), picked by each lane's nibble: vpermt2ps
-     * reads only the low 4 bits of an index, so the low nibbles need no mask */
-    const __m256 lo = _mm256_fmadd_ps(d, _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), c);
-    const __m256 hi = _mm256_fmadd_ps(d, _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), c);
-    w[0] = _mm256_permutex2var_ps(lo, b0, hi);
-    w[1] = _mm256_permutex2var_ps(lo, b1, hi);
-    w[2] = _mm256_permutex2var_ps(lo, _mm256_srli_epi32(b0, 4), hi);
-    w[3] = _mm256_permutex2var_ps(lo, _mm256_srli_epi32(b1, 4), hi);
-    return;
+    /* 4-bit values: the sub-block's 16 possible values (the same fma per value), picked by each lane's
+     * nibble; vpermt2ps reads only the low 4 bits of an index, so the nibbles need no mask */
+    const __m256 lo = _mm256_fmadd_ps(a, _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), c);
+    const __m256 hi = _mm256_fmadd_ps(a, _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), c);
+    for (int i = 0; i < 4; i++) w[i] = _mm256_permutex2var_ps(lo, q[i], hi);
+#else
+    for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_and_si256(q[i], m4)), c);
 #endif
-    const __m256i mask = _mm256_set1_epi32(0x0f);
-    const __m256i parts[4] = {_mm256_and_si256(b0, mask), _mm256_and_si256(b1, mask), _mm256_srli_epi32(b0, 4),
-                              _mm256_srli_epi32(b1, 4)};
-    for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(parts[i]), c);
 }
 
 #define F32_AVX2 1
 #include "fp32_simd.h" /* hsum8: f32_linear's horizontal sum, so both kernels sum in one order */
 #endif
 
+/* CALL(T) with T a constant per case: each case is its own specialized (always inlined) loop */
+#define GQ_DISPATCH(type, CALL)                                                                        \
+    switch (type) {                                                                                    \
+    case GQ_Q4_0: CALL(GQ_Q4_0); break;                                                                \
+    case GQ_Q4_1: CALL(GQ_Q4_1); break;                                                                \
+    case GQ_Q5_0: CALL(GQ_Q5_0); break;                                                                \
+    case GQ_Q5_1: CALL(GQ_Q5_1); break;                                                                \
+    case GQ_Q4_K: CALL(GQ_Q4_K); break;                                                                \
+    case GQ_Q5_K: CALL(GQ_Q5_K); break;                                                                \
+    case GQ_Q6_K: CALL(GQ_Q6_K); break;                                                                \
+    default: CALL(GQ_Q8_0); break;                                                                     \
+    }
+
 /* dequantize rows [0, rows) of a weight into out [rows, K] (row stride ldo floats) */
 static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *w, int64_t type, int64_t rows,
                                                                 int64_t K, int64_t ldw, float *out, int64_t ldo) {
-    const int64_t bb = gq_block_bytes(type), nb = K / 32;
+    const int64_t bb = gq_block_bytes(type), spb = subs_per_block(type), nc = K / 32;
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w + r * ldw + b * bb;
-            float *o = out + r * ldo + 32 * b;
+        for (int64_t c = 0; c < nc; c++) {
+            const uint8_t *blk = w + r * ldw + c / spb * bb;
+            float *o = out + r * ldo + 32 * c;
 #ifdef GQ_AVX2
             __m256 v[4];
-            dequant8x4(blk, (int)type, v);
+            dequant8x4(blk, (int)type, (int)(c % spb), v);
             for (int s = 0; s < 4; s++) _mm256_storeu_ps(o + 8 * s, v[s]);
 #else
-            dequant_block(blk, type, o);
+            dequant_sub(blk, (int)type, (int)(c % spb), o);
 #endif
         }
 }
@@ -159,7 +265,8 @@ void gq_dequant(const uint8_t *w, int64_t type, int64_t N, int64_t K, int64_t ld
 #pragma omp parallel for schedule(static) if (N * K > 65536)
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         const int64_t rows = N - r0 < chunk ? N - r0 : chunk;
-        dequant_rows(w + r0 * ldw, type, rows, K, ldw, out + r0 * K, K);
+#define GQ_SLAB(T) dequant_rows(w + r0 * ldw, T, rows, K, ldw, out + r0 * K, K)
+        GQ_DISPATCH(type, GQ_SLAB);
     }
 }
 
@@ -180,17 +287,18 @@ void gq_dequant_rows(const uint8_t *w, int64_t type, const int64_t *ids, int64_t
 static inline __attribute__((always_inline)) void row_tile(const float *x, const uint8_t *w, int64_t ldw,
                                                             int type, int C, int64_t K, float *y,
                                                             const float *bias) {
-    const int64_t bb = gq_block_bytes(type), nb = K / 32;
+    const int64_t bb = gq_block_bytes(type), spb = subs_per_block(type), nc = K / 32;
 #ifdef GQ_AVX2
     __m256 acc[NB1];
     for (int j = 0; j < NB1; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t c = 0; c < nc; c++) {
         __m256 xv[4];
-        for (int s = 0; s < 4; s++) xv[s] = _mm256_loadu_ps(x + 32 * b + 8 * s);
+        for (int s = 0; s < 4; s++) xv[s] = _mm256_loadu_ps(x + 32 * c + 8 * s);
+        const uint8_t *blk = w + c / spb * bb;
         for (int j = 0; j < NB1; j++) {
             if (j >= C) break;
             __m256 wv[4];
-            dequant8x4(w + j * ldw + b * bb, type, wv);
+            dequant8x4(blk + j * ldw, type, (int)(c % spb), wv);
             for (int s = 0; s < 4; s++) acc[j] = _mm256_fmadd_ps(xv[s], wv[s], acc[j]);
         }
     }
@@ -201,9 +309,9 @@ static inline __attribute__((always_inline)) void row_tile(const float *x, const
 #else
     for (int j = 0; j < C; j++) {
         float lane[8] = {0}, v[32];
-        for (int64_t b = 0; b < nb; b++) {
-            dequant_block(w + j * ldw + b * bb, type, v);
-            for (int i = 0; i < 32; i++) lane[i & 7] += x[32 * b + i] * v[i];
+        for (int64_t c = 0; c < nc; c++) {
+            dequant_sub(w + j * ldw + c / spb * bb, type, (int)(c % spb), v);
+            for (int i = 0; i < 32; i++) lane[i & 7] += x[32 * c + i] * v[i];
         }
         const float s = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
         y[j] = bias ? s + bias[j] : s;
@@ -257,11 +365,8 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
             const int C = (int)(N - n0 < NB1 ? N - n0 : NB1);
             const uint8_t *wt = w + n0 * ldw;
             const float *bt = bias ? bias + n0 : NULL;
-            switch (type) { /* a constant type per case: each is its own specialized loop */
-            case GQ_Q4_0: row_tile(x, wt, ldw, GQ_Q4_0, C, K, y + n0, bt); break;
-            case GQ_Q4_1: row_tile(x, wt, ldw, GQ_Q4_1, C, K, y + n0, bt); break;
-            default: row_tile(x, wt, ldw, GQ_Q8_0, C, K, y + n0, bt); break;
-            }
+#define GQ_ROW_TILE(T) row_tile(x, wt, ldw, T, C, K, y + n0, bt)
+            GQ_DISPATCH(type, GQ_ROW_TILE);
         }
         return;
     }
@@ -273,11 +378,8 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * TN;
             const int rows = (int)(N - n0 < TN ? N - n0 : TN);
-            switch (type) {
-            case GQ_Q4_0: dequant_rows(w + n0 * ldw, GQ_Q4_0, rows, K, ldw, wb, K); break;
-            case GQ_Q4_1: dequant_rows(w + n0 * ldw, GQ_Q4_1, rows, K, ldw, wb, K); break;
-            default: dequant_rows(w + n0 * ldw, GQ_Q8_0, rows, K, ldw, wb, K); break;
-            }
+#define GQ_TILE_ROWS(T) dequant_rows(w + n0 * ldw, T, rows, K, ldw, wb, K)
+            GQ_DISPATCH(type, GQ_TILE_ROWS);
             for (int64_t m0 = 0; m0 < M; m0 += RB) {
                 const int R = M - m0 >= RB ? RB : (int)(M - m0);
                 for (int j0 = 0; j0 < rows; j0 += NB) {

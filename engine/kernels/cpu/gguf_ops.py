@@ -1,5 +1,6 @@
-"""The GGUF block kernels of gguf_cpu.c through ctypes: fp32 activations times Q4_0 / Q4_1 / Q8_0
-weight blocks (dequantized in registers), whole-weight and row dequantization.
+"""The GGUF block kernels of gguf_cpu.c through ctypes: fp32 activations times GGUF weight blocks
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the k-quants Q4_K, Q5_K, Q6_K, dequantized in registers),
+whole-weight and row dequantization.
 
 Built like the fp32 kernels (engine/kernels/cpu/build.py, ``-march=native``, cached per machine);
 ``ENGINE_GGUF_CPU_KERNELS=0`` or a failed build makes :func:`load` return None, and callers then
@@ -45,18 +46,21 @@ class CpuGgufKernels:
         return int(self.lib.gq_block_bytes(type_id)) > 0
 
     def linear(self, x: torch.Tensor, blocks: torch.Tensor, type_id: int, k: int,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ dequant(blocks).T (+ bias)``: x [M, K] fp32 (rows contiguous), blocks uint8 [N, row
-        bytes] in the GGUF layout; -> [M, N] fp32."""
+        bytes] in the GGUF layout; -> [M, N] fp32, written into ``out`` when given (a view with
+        contiguous rows: the columns of a wider output)."""
         m = x.shape[0]
         n = blocks.shape[0]
-        y = empty(m, n)
+        y = empty(m, n) if out is None else out
+        if y.shape != (m, n) or y.stride(-1) != 1 or y.dtype != torch.float32:
+            raise ValueError(f"out must be a float32 [{m}, {n}] view with contiguous rows, not {tuple(y.shape)}")
         args = (x.data_ptr(), m, k, x.stride(0), blocks.data_ptr(), type_id, n, blocks.stride(0),
-                0 if bias is None else bias.data_ptr(), y.data_ptr(), n)
+                0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
         self.lib.gq_linear(*args)
         plan = active_plan()
         if plan is not None:  # a decode step being recorded
-            plan.record("gq_linear", self._linear_address, args, x, y)
+            plan.record("gq_linear", self._linear_address, args, x, y, blocks)
         return y
 
     def dequant(self, blocks: torch.Tensor, type_id: int, k: int) -> torch.Tensor:

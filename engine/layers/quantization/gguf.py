@@ -1,4 +1,5 @@
-"""GGUF weights kept quantized (``quantization="gguf"``): Q4_0, Q4_1 and Q8_0 blocks, fp32 activations.
+"""GGUF weights kept quantized (``quantization="gguf"``): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
+k-quants Q4_K, Q5_K, Q6_K, with fp32 activations.
 
 The weights stay in the file's block layout (engine/layers/quantization/gguf_loader.py puts them on
 the layers); nothing is re-quantized. A matmul rebuilds each weight value in registers with the bits
@@ -18,13 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.cpu import gguf_ops
+from engine.kernels.cpu.plan import empty
 from engine.layers.quantization.base import (
     CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MAX_ROWS_WIDE, WIDE_OUT_FEATURES, LayerKind, LinearMethod, QuantizationScheme,
 )
@@ -42,40 +46,99 @@ def _kernels(x: torch.Tensor, type_id: int) -> "gguf_ops.CpuGgufKernels | None":
     return kernels if kernels is not None and kernels.supports(type_id) else None
 
 
+@dataclass
+class GGUFPart:
+    """Output rows [start, stop) of a fused layer whose parts have different block types (a Q4_K_M
+    file's q/k in Q4_K beside its v in Q6_K): ``blocks`` [stop - start, row bytes] of ``type_id``."""
+
+    start: int
+    stop: int
+    type_id: int
+    blocks: torch.Tensor
+
+
+def _parts(layer: nn.Module) -> list[GGUFPart]:
+    parts = getattr(layer, "gguf_parts", None)
+    if parts is not None:
+        return parts
+    return [GGUFPart(0, layer.weight.shape[0], layer.gguf_type, layer.weight)]
+
+
 def dequantized_weight(layer: nn.Module, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of a GGUF layer's weight as fp32."""
-    blocks = layer.weight[start:stop]
-    if blocks.device.type == "cpu" and gguf_ops.load() is not None:
-        return gguf_ops.load().dequant(blocks, layer.gguf_type, layer.gguf_k)
-    return dequantize(blocks, layer.gguf_type, layer.gguf_k)
+    stop = sum(p.stop - p.start for p in _parts(layer)) if stop is None else stop
+    out = []
+    for part in _parts(layer):
+        lo, hi = max(start, part.start), min(stop, part.stop)
+        if lo >= hi:
+            continue
+        blocks = part.blocks[lo - part.start:hi - part.start]
+        kernels = gguf_ops.load() if blocks.device.type == "cpu" else None
+        if kernels is not None:
+            out.append(kernels.dequant(blocks, part.type_id, layer.gguf_k))
+        else:
+            out.append(dequantize(blocks, part.type_id, layer.gguf_k))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def gguf_linear(x2: torch.Tensor, blocks: torch.Tensor, type_id: int, k: int, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 @ dequant(blocks).T (+ bias)`` for x2 [M, K], written into ``out`` (a [M, N] view, any row
+    stride) when given: the C kernel (up to its row limit), Triton on GPU, else dequantized slabs
+    for torch's GEMM."""
+    n = blocks.shape[0]
+    limit = CPU_KERNEL_MAX_ROWS_WIDE if n >= WIDE_OUT_FEATURES else CPU_KERNEL_MAX_ROWS
+    kernels = _kernels(x2, type_id)
+    if kernels is not None and x2.shape[0] <= limit:
+        return kernels.linear(x2, blocks, type_id, k, bias, out=out)
+    if x2.is_cuda:  # Triton: the blocks dequantized in registers (engine/kernels/gguf_matmul.py)
+        from engine.kernels.gguf_matmul import gguf_matmul
+
+        y = gguf_matmul(x2, blocks, type_id, k, bias)
+    else:  # a slab of weight rows dequantized at a time for torch's GEMM
+        layer = SimpleNamespace(weight=blocks, gguf_type=type_id, gguf_k=k)
+        slabs = [F.linear(x2, dequantized_weight(layer, s, min(s + SLAB_ROWS, n)).to(x2.dtype))
+                 for s in range(0, n, SLAB_ROWS)]
+        y = slabs[0] if len(slabs) == 1 else torch.cat(slabs, dim=-1)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
 
 
 class GGUFLinearMethod(LinearMethod):
-    """``x @ dequant(blocks).T (+ bias)`` for a layer whose ``weight`` holds GGUF blocks."""
+    """``x @ dequant(blocks).T (+ bias)`` for a layer whose ``weight`` holds GGUF blocks of one type."""
 
     name = "gguf"
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        bias = getattr(layer, "bias", None)
-        n = layer.weight.shape[0]
-        limit = CPU_KERNEL_MAX_ROWS_WIDE if n >= WIDE_OUT_FEATURES else CPU_KERNEL_MAX_ROWS
-        kernels = _kernels(x2, layer.gguf_type)
-        if kernels is not None and x2.shape[0] <= limit:
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            y = kernels.linear(x2, layer.weight, layer.gguf_type, layer.gguf_k, bias)
-        elif x2.is_cuda:  # Triton: the blocks dequantized in registers (engine/kernels/gguf_matmul.py)
-            from engine.kernels.gguf_matmul import gguf_matmul
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = gguf_linear(x2, layer.weight, layer.gguf_type, layer.gguf_k, getattr(layer, "bias", None))
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
-            y = gguf_matmul(x2, layer.weight, layer.gguf_type, layer.gguf_k, bias)
-        else:  # a slab of weight rows dequantized at a time for torch's GEMM
-            parts = [F.linear(x2, dequantized_weight(layer, s, s + SLAB_ROWS).to(x2.dtype))
-                     for s in range(0, n, SLAB_ROWS)]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-            if bias is not None:
-                y = y + bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+class GGUFPartsLinearMethod(LinearMethod):
+    """A fused layer whose parts keep their own block types (``layer.gguf_parts``): each part's
+    kernel writes its columns of one output, so nothing is dequantized or re-quantized."""
+
+    name = "gguf"
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        parts = layer.gguf_parts
+        bias = getattr(layer, "bias", None)
+        y = empty(x2.shape[0], parts[-1].stop) if x2.device.type == "cpu" else torch.empty(
+            x2.shape[0], parts[-1].stop, dtype=x2.dtype, device=x2.device)
+        for p in parts:
+            gguf_linear(x2, p.blocks, p.type_id, layer.gguf_k, None if bias is None else bias[p.start:p.stop],
+                        out=y[:, p.start:p.stop])
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def gguf_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:

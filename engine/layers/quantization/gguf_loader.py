@@ -1,4 +1,5 @@
-"""Loads a GGUF file's tensors into a built model, keeping Q4_0 / Q4_1 / Q8_0 weights as blocks.
+"""Loads a GGUF file's tensors into a built model, keeping quantized weights (every type of
+engine/layers/quantization/gguf_blocks.py) as blocks.
 
 Each matmul weight (linear layers, the embedding and LM head) becomes a uint8 ``[rows, row bytes]``
 tensor of this rank's GGUF blocks, with ``gguf_type`` and ``gguf_k`` on its module and a
@@ -7,9 +8,11 @@ tensor of this rank's GGUF blocks, with ``gguf_type`` and ``gguf_k`` on its modu
 Which rows and columns of a checkpoint tensor a layer keeps (fused QKV and gate/up, tensor-parallel
 shards, padded heads) is decided by the layer's own ``weight_loader``, unchanged: it is run once on
 an *index* tensor (each element holding its own position in the source tensors), and the blocks are
-then gathered at the positions it kept. A kept range that does not cover whole 32-value blocks
-(a tensor-parallel split inside a block) fails with the layer's name. A fused layer whose parts
-have different types is dequantized at load (logged); so is a tensor in a float type.
+then gathered at the positions it kept. A kept range that does not cover whole blocks (32 values,
+256 for a k-quant: a tensor-parallel split inside a block) fails with the layer's name. A fused
+layer whose parts have different types (a Q4_K_M file's q/k in Q4_K and v in Q6_K) keeps each part
+in its own type, one kernel per part writing its columns (:class:`GGUFPartsLinearMethod`); only a
+layer whose parts do not fall on whole row ranges, or a tensor in a float type, is dequantized.
 
 Llama GGUFs store q_proj and k_proj rows in the interleaved rotary order llama.cpp uses; their rows
 are put back in the Hugging Face order transformers' conversion produces (a row permutation).
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers.quantization.gguf_blocks import BLOCK, BLOCK_BYTES, KERNEL_TYPES, dequantize
+from engine.layers.quantization.gguf_blocks import KERNEL_TYPES, block_values, dequantize
 from engine.layers.quantization.gguf_reader import GGUF_DIRECT_ARCHITECTURES, GGUFFormatError, GGUFTensor, read_gguf
 
 logger = logging.getLogger(__name__)
@@ -62,12 +65,14 @@ def _call_loader(param: nn.Parameter, tensor: torch.Tensor, shard) -> None:
 
 
 def _gather_blocks(module: nn.Module, name: str, param: nn.Parameter,
-                   sources: list[tuple[GGUFTensor, Any, torch.Tensor | None]]) -> torch.Tensor:
-    """This rank's blocks of ``param`` [N_l, K_l] from its sources: the layer's loader runs on an
-    index tensor (value = 1 + the element's position in the concatenated sources, 0 = left empty)."""
+                   sources: list[tuple[GGUFTensor, Any, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's blocks of ``param`` [N_l, K_l] from its sources (all of one type), and which of
+    its rows they filled: the layer's loader runs on an index tensor (value = 1 + the element's
+    position in the concatenated sources, 0 = left empty)."""
     from engine.layers.embedding import VocabParallelEmbedding
 
     k = sources[0][0].shape[-1]
+    vb = block_values(sources[0][0].type_id)  # values per block: 32, or 256 for a k-quant
     rows_only = isinstance(module, VocabParallelEmbedding)  # its loader slices rows only
     width = 1 if rows_only else k
     index = nn.Parameter(torch.zeros(param.shape[0], 1 if rows_only else param.shape[1], dtype=torch.float64),
@@ -79,7 +84,7 @@ def _gather_blocks(module: nn.Module, name: str, param: nn.Parameter,
         positions = (base + torch.arange(n, dtype=torch.float64)).unsqueeze(1) * width
         positions = positions + torch.arange(width, dtype=torch.float64) + 1
         _call_loader(index, positions, shard)
-        blocks = t.blocks().view(n, k // BLOCK, -1)
+        blocks = t.blocks().view(n, k // vb, -1)
         parts.append(blocks if order is None else blocks[order])
         base += n
     source = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -90,33 +95,65 @@ def _gather_blocks(module: nn.Module, name: str, param: nn.Parameter,
         rows = idx[:, 0].long() - 1
         out = source[rows.clamp_min(0)].reshape(param.shape[0], -1).clone()
         out[rows < 0] = 0  # padding rows of a sharded vocabulary: zero blocks (d = 0, m = 0)
-        return out
+        return out, rows >= 0
     n_l, k_l = idx.shape
-    if k_l % BLOCK:
-        raise GGUFFormatError(f"{name}: a shard of {k_l} input values is not a whole number of {BLOCK}-value "
+    if k_l % vb:
+        raise GGUFFormatError(f"{name}: a shard of {k_l} input values is not a whole number of {vb}-value "
                               "GGUF blocks; use a tensor-parallel size that splits it along whole blocks")
-    starts = idx[:, ::BLOCK]
-    expected = torch.where(starts.unsqueeze(-1) > 0, starts.unsqueeze(-1) + torch.arange(BLOCK), 0.0)
+    starts = idx[:, ::vb]
+    expected = torch.where(starts.unsqueeze(-1) > 0, starts.unsqueeze(-1) + torch.arange(vb), 0.0)
     flat = (starts.long() - 1).clamp_min(0)
-    if not torch.equal(idx.view(n_l, -1, BLOCK), expected) or bool(((flat % k) % BLOCK).any()):
-        raise GGUFFormatError(f"{name}: this rank's part of the weight does not fall on whole {BLOCK}-value "
+    if not torch.equal(idx.view(n_l, -1, vb), expected) or bool(((flat % k) % vb).any()):
+        raise GGUFFormatError(f"{name}: this rank's part of the weight does not fall on whole {vb}-value "
                               "GGUF blocks; use a tensor-parallel size that splits it along whole blocks")
-    out = source[flat // k, (flat % k) // BLOCK]  # [N_l, K_l / 32, block bytes]
+    out = source[flat // k, (flat % k) // vb]  # [N_l, K_l / vb, block bytes]
     out[starts <= 0] = 0
-    return out.reshape(n_l, -1).contiguous()
+    return out.reshape(n_l, -1).contiguous(), (starts > 0).any(dim=1)
 
 
-def _replace_weight(model: nn.Module, old: nn.Parameter, blocks: torch.Tensor, type_id: int, k: int) -> None:
-    """Puts the blocks in place of ``old`` on every module that holds it (a tied LM head too)."""
-    from engine.layers.quantization.gguf import GGUFLinearMethod
+def _replace_weight(model: nn.Module, old: nn.Parameter, blocks: torch.Tensor, k: int, type_id: int | None = None,
+                    parts: list | None = None) -> None:
+    """Puts the blocks in place of ``old`` on every module that holds it (a tied LM head too): one
+    type's ``[rows, row bytes]``, or (``parts``) the parts' bytes end to end with views per part."""
+    from engine.layers.quantization.gguf import GGUFLinearMethod, GGUFPartsLinearMethod
 
     new = nn.Parameter(blocks, requires_grad=False)
     for module in model.modules():
         if module._parameters.get("weight") is old:
             module.weight = new
             module.gguf_type, module.gguf_k = type_id, k
+            if parts is not None:
+                module.gguf_parts = parts
             if hasattr(module, "linear_method"):
-                module.linear_method = GGUFLinearMethod()
+                module.linear_method = GGUFLinearMethod() if parts is None else GGUFPartsLinearMethod()
+
+
+def _gather_parts(module: nn.Module, name: str, param: nn.Parameter,
+                  sources: list[tuple[GGUFTensor, Any, torch.Tensor | None]], device: torch.device | None):
+    """A fused layer of several block types as (bytes, parts), each source a whole range of this
+    rank's output rows in its own type; None when the sources do not tile the rows that way."""
+    from engine.layers.quantization.gguf import GGUFPart
+
+    ranges = []
+    for source in sources:
+        blocks, filled = _gather_blocks(module, name, param, [source])
+        rows = filled.nonzero().flatten()
+        if len(rows) == 0:
+            continue  # nothing of this source on this rank
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        if stop - start != len(rows):
+            return None
+        ranges.append((start, stop, source[0].type_id, blocks[start:stop]))
+    ranges.sort(key=lambda r: r[0])
+    if [r[0] for r in ranges] != [0] + [r[1] for r in ranges[:-1]] or ranges[-1][1] != param.shape[0]:
+        return None
+    flat = torch.cat([r[3].reshape(-1) for r in ranges])
+    flat = flat.to(device) if device is not None else flat
+    parts, at = [], 0
+    for start, stop, type_id, blocks in ranges:
+        parts.append(GGUFPart(start, stop, type_id, flat[at:at + blocks.numel()].view(blocks.shape)))
+        at += blocks.numel()
+    return flat, parts
 
 
 def load_gguf_weights(model: nn.Module, path: Path, hf_config: Any, device: torch.device | None = None) -> int:
@@ -153,13 +190,19 @@ def load_gguf_weights(model: nn.Module, path: Path, hf_config: Any, device: torc
                        and isinstance(module, (LinearBase, VocabParallelEmbedding)))
         if quantizable and len(types) == 1 and next(iter(types)) in KERNEL_TYPES:
             type_id = next(iter(types))
-            blocks = _gather_blocks(module, target, param, sources)
-            k_local = blocks.shape[1] // BLOCK_BYTES[type_id] * BLOCK
-            _replace_weight(model, param, blocks.to(device) if device is not None else blocks, type_id, k_local)
+            blocks, _ = _gather_blocks(module, target, param, sources)
+            _replace_weight(model, param, blocks.to(device) if device is not None else blocks, param.shape[1], type_id)
             kept += 1
             continue
+        if quantizable and types <= set(KERNEL_TYPES) and isinstance(module, LinearBase):
+            gathered = _gather_parts(module, target, param, sources, device)
+            if gathered is not None:
+                _replace_weight(model, param, gathered[0], param.shape[1], parts=gathered[1])
+                kept += 1
+                continue
         if quantizable and types & set(KERNEL_TYPES):
-            logger.info("GGUF: %s mixes block types %s; dequantized at load", target, sorted(types))
+            logger.info("GGUF: %s mixes block types %s in rows it cannot keep apart; dequantized at load",
+                        target, sorted(types))
         for t, shard, order in sources:
             _call_loader(param, _as_float(t, order), shard)
     return kept

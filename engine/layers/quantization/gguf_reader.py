@@ -16,7 +16,7 @@ import torch
 
 from engine.errors import ModelNotFoundError, UnsupportedModelError
 from engine.layers.quantization.gguf_blocks import (
-    BLOCK, BLOCK_BYTES, FLOAT_TYPES, KERNEL_TYPES, block_scales, type_name,
+    FLOAT_TYPES, KERNEL_TYPES, block_scales, block_values, row_bytes, type_name,
 )
 
 # architectures whose tensors this loader maps (llama: also Mistral and SmolLM GGUFs)
@@ -103,8 +103,8 @@ def check_tensor(t: GGUFTensor, path: Path) -> None:
                                   "needs more (truncated file?)")
         return
     k = t.shape[-1]
-    expected = (numel // k, k // BLOCK * BLOCK_BYTES[t.type_id])
-    if k % BLOCK or tuple(t.data.shape) != expected:
+    expected = (numel // k, row_bytes(t.type_id, k))
+    if k % block_values(t.type_id) or tuple(t.data.shape) != expected:
         raise GGUFFormatError(f"{path.name}: tensor {t.name} ({KERNEL_TYPES[t.type_id]}, shape {t.shape}) has "
                               f"{t.data.nbytes} bytes of blocks where {expected[0] * expected[1]} are needed "
                               "(truncated or corrupt file?)")
