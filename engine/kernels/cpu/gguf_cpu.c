@@ -365,7 +365,12 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
             const int C = (int)(N - n0 < NB1 ? N - n0 : NB1);
             const uint8_t *wt = w + n0 * ldw;
             const float *bt = bias ? bias + n0 : NULL;
-#define GQ_ROW_TILE(T) row_tile(x, wt, ldw, T, C, K, y + n0, bt)
+/* a full tile with a constant row count: its loops unroll and the 8 accumulators stay in registers */
+#define GQ_ROW_TILE(T)                                                                                 \
+    do {                                                                                               \
+        if (C == NB1) row_tile(x, wt, ldw, T, NB1, K, y + n0, bt);                                     \
+        else row_tile(x, wt, ldw, T, C, K, y + n0, bt);                                                \
+    } while (0)
             GQ_DISPATCH(type, GQ_ROW_TILE);
         }
         return;
