@@ -391,7 +391,9 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
                     const int C = rows - j0 < NB ? rows - j0 : NB;
                     const float *bt = bias ? bias + n0 + j0 : NULL;
                     float *yt = y + m0 * ldy + n0 + j0;
-                    if (R == RB) /* constant R: the row loop unrolls */
+                    if (R == RB && C == NB) /* constant R and C: the loops unroll, acc stays in registers */
+                        micro_tile(x + m0 * ldx, ldx, RB, wb + j0 * K, NB, K, yt, ldy, bt);
+                    else if (R == RB)
                         micro_tile(x + m0 * ldx, ldx, RB, wb + j0 * K, C, K, yt, ldy, bt);
                     else
                         micro_tile(x + m0 * ldx, ldx, 1, wb + j0 * K, C, K, yt, ldy, bt);
