@@ -21,7 +21,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +71,14 @@ def dequantized_weight(layer: nn.Module, start: int = 0, stop: int | None = None
         lo, hi = max(start, part.start), min(stop, part.stop)
         if lo >= hi:
             continue
-        blocks = part.blocks[lo - part.start:hi - part.start]
-        kernels = gguf_ops.load() if blocks.device.type == "cpu" else None
-        if kernels is not None:
-            out.append(kernels.dequant(blocks, part.type_id, layer.gguf_k))
-        else:
-            out.append(dequantize(blocks, part.type_id, layer.gguf_k))
+        out.append(_dequant(part.blocks[lo - part.start:hi - part.start], part.type_id, layer.gguf_k))
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _dequant(blocks: torch.Tensor, type_id: int, k: int) -> torch.Tensor:
+    """Blocks as fp32 [N, K]: the C kernel on CPU where it is built, else torch."""
+    kernels = gguf_ops.load() if blocks.device.type == "cpu" else None
+    return kernels.dequant(blocks, type_id, k) if kernels is not None else dequantize(blocks, type_id, k)
 
 
 def gguf_linear(x2: torch.Tensor, blocks: torch.Tensor, type_id: int, k: int, bias: torch.Tensor | None,
@@ -96,9 +96,7 @@ def gguf_linear(x2: torch.Tensor, blocks: torch.Tensor, type_id: int, k: int, bi
 
         y = gguf_matmul(x2, blocks, type_id, k, bias)
     else:  # a slab of weight rows dequantized at a time for torch's GEMM
-        layer = SimpleNamespace(weight=blocks, gguf_type=type_id, gguf_k=k)
-        slabs = [F.linear(x2, dequantized_weight(layer, s, min(s + SLAB_ROWS, n)).to(x2.dtype))
-                 for s in range(0, n, SLAB_ROWS)]
+        slabs = [F.linear(x2, _dequant(blocks[s:s + SLAB_ROWS], type_id, k).to(x2.dtype)) for s in range(0, n, SLAB_ROWS)]
         y = slabs[0] if len(slabs) == 1 else torch.cat(slabs, dim=-1)
         if bias is not None:
             y = y + bias.to(y.dtype)
