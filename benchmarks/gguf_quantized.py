@@ -71,14 +71,29 @@ def matmul_bytes(llm) -> int:
 
 
 def gguf_pass_s(llm, repeats: int = 20) -> float:
-    """Best time of every GGUF matmul of a step, once, at batch 1 (the kernels alone)."""
-    layers = [m for m in matmul_weights(llm) if getattr(m, "gguf_type", None) is not None]
-    xs = {m.gguf_k: torch.randn(1, m.gguf_k) for m in layers}
+    """Best time of every GGUF matmul of a step, once, at batch 1: the C kernel called with prepared
+    arguments and outputs (what a decode plan replays), so no Python dispatch is counted."""
+    from engine.kernels.cpu import gguf_ops
+    from engine.layers.quantization.gguf import _parts
+
+    kernels = gguf_ops.load()
+    if kernels is None:
+        return float("nan")
+    keep, calls = [], []
+    for m in matmul_weights(llm):
+        if getattr(m, "gguf_k", None) is None:
+            continue
+        x = torch.randn(1, m.gguf_k)
+        for part in _parts(m):
+            y = torch.empty(1, part.blocks.shape[0])
+            keep += [x, y]
+            calls.append((x.data_ptr(), 1, m.gguf_k, m.gguf_k, part.blocks.data_ptr(), part.type_id,
+                          part.blocks.shape[0], part.blocks.stride(0), None, y.data_ptr(), y.shape[1]))
     best = float("inf")
     for _ in range(repeats + 1):
         t = time.perf_counter()
-        for m in layers:
-            m.linear_method.apply(m, xs[m.gguf_k])
+        for args in calls:
+            kernels.lib.gq_linear(*args)
         best = min(best, time.perf_counter() - t)
     return best
 

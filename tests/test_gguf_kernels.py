@@ -112,7 +112,7 @@ def test_torch_fallback_without_the_kernels(monkeypatch):
 @pytest.mark.parametrize("type_id", TYPES, ids=[KERNEL_TYPES[t] for t in TYPES])
 def test_reference_quantizer_round_trips(type_id):
     k = width(type_id, 2)
-    w = torch.randn(8, k)
+    w = torch.randn(8, k, generator=torch.Generator().manual_seed(type_id))  # seeded: a rare outlier would exceed the bound
     blocks = quantize_reference(w, type_id)
     assert blocks.shape == (8, row_bytes(type_id, k))
     err = (dequantize(blocks, type_id, k) - w).abs().max().item()
