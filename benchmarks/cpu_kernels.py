@@ -103,7 +103,7 @@ def main() -> None:
         print("the fp32 C kernels could not be built here (no gcc?): nothing to compare")
         return
     c = measure(quick=True)
-    print(f"{kernels.isa} build, {torch.get_num_threads()} threads; ceilings in this run: read {c.read_gbps:.1f} GB/s, "
+    print(f"{kernels.isa} build (GEMM tiles: {kernels.gemm_isa}), {torch.get_num_threads()} threads; ceilings in this run: read {c.read_gbps:.1f} GB/s, "
           f"fp32 matmul {c.fp32_gflops:.0f} GFLOP/s")
     repeats = 2 if args.quick else 5
     bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512, 2048], repeats)

@@ -59,15 +59,30 @@ def test_strided_rows_and_a_repacked_weight(kernels):
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
-def test_the_portable_build_gives_the_same_bits(kernels):
-    """Machines without AVX2 get the plain-C path: a scalar fmaf chain in the same order."""
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_the_portable_build_gives_the_same_bits(kernels, march):
+    """Machines without AVX2 get the plain-C path (a scalar fmaf chain in the same order), AVX2-only
+    machines 8-lane tiles, AVX-512 ones (the native build where the CPU has it) 16-lane tiles: the
+    same bits from each, at every row count a group's tiles take (1..6, and more)."""
     from engine.kernels.cpu.build import build
 
-    portable = ops.CpuFp32Kernels(build(ops.SOURCE, "x86-64"), None, build(ops.GEMM_SOURCE, "x86-64"))
+    other = ops.CpuFp32Kernels(build(ops.SOURCE, march), None, build(ops.GEMM_SOURCE, march))
     torch.manual_seed(3)
-    for m, n, k in [(1, 96, 64), (5, 37, 300), (13, 192, 576)]:
+    shapes = [(m, 192, 576) for m in (1, 2, 3, 4, 5, 6, 13)] + [(1, 96, 64), (5, 37, 300), (7, 112, 260)]
+    for m, n, k in shapes:
         x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-        assert torch.equal(portable.gemm_packed(x, portable.pack(w), n, b), kernels.gemm_packed(x, kernels.pack(w), n, b))
+        assert torch.equal(other.gemm_packed(x, other.pack(w), n, b), kernels.gemm_packed(x, kernels.pack(w), n, b))
+
+
+def test_the_native_build_takes_the_widest_tiles_the_cpu_has(kernels):
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    expected = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "generic"
+    assert kernels.gemm_isa == expected
 
 
 def test_linear_layers_use_it_and_repack_after_a_write(kernels):

@@ -60,10 +60,13 @@ class CpuFp32Kernels:
                 self._fn[name] = (fn, function_address(getattr(models, name + "_a")))
         self.has_model_kernels = models_path is not None
         self.has_gemm = gemm_path is not None
+        self.gemm_isa: str = "none"  # which GEMM tiles the build runs: avx512, avx2 or generic
         if gemm_path is not None:
             gemm = ctypes.CDLL(str(gemm_path))
             gemm.f32_gemm_pack.argtypes = [_p, _i64, _i64, _i64, _p]
             gemm.f32_gemm_panel_width.restype = _i64
+            gemm.f32_gemm_isa.restype = ctypes.c_char_p
+            self.gemm_isa = gemm.f32_gemm_isa().decode()
             self._pack, self.panel_width = gemm.f32_gemm_pack, int(gemm.f32_gemm_panel_width())
             fn = gemm.f32_gemm_packed
             fn.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64]
@@ -199,7 +202,7 @@ def load(march: str = "native") -> CpuFp32Kernels | None:
     except (RuntimeError, OSError) as e:
         logger.warning("fp32 CPU kernels unavailable (%s); using torch ops", e)
         return None
-    logger.info("fp32 CPU kernels: %s build, %s", kernels.isa, kernels.path)
+    logger.info("fp32 CPU kernels: %s build (GEMM tiles: %s), %s", kernels.isa, kernels.gemm_isa, kernels.path)
     return kernels
 
 
