@@ -69,7 +69,7 @@ def test_dequantization_equals_the_gguf_package(kernels, type_id):
 
 
 @pytest.mark.parametrize("type_id", TYPES, ids=[KERNEL_TYPES[t] for t in TYPES])
-@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("m", [1, 7, 13, 64, 300])  # 13: the AVX-512 paired tiles with a row tail
 def test_kernel_equals_dequantize_then_matmul(kernels, type_id, m):
     n, k = 45, width(type_id, 5 if block_values(type_id) == 32 else 2)  # N leaves a tail in every tile size
     blocks = random_blocks(n, k, type_id, seed=m)
@@ -83,7 +83,7 @@ def test_kernel_equals_dequantize_then_matmul(kernels, type_id, m):
         assert torch.equal(y, fp32.linear(x, w, bias))
 
 
-@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("m", [1, 7, 13, 64, 300])  # 13: the AVX-512 paired tiles with a row tail
 def test_layer_method_at_every_batch_size(kernels, m):
     """Through GGUFLinearMethod: the C kernel up to 64 rows, dequantized slabs + torch past it."""
     n, k = 70, 64

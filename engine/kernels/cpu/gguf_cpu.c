@@ -487,6 +487,90 @@ static inline __attribute__((always_inline)) void micro_tile(const float *x, int
 #endif
 }
 
+#if defined(GQ_AVX2) && defined(__AVX512F__)
+/* AVX-512 at M > 1: the tile's rows dequantized in pairs, 8 values of one row then the same 8 of the
+ * next ([pair][k / 8][2][8]), so one 16-lane vector holds both rows' 8 lanes and x[k..k+8) is loaded
+ * into both halves. Each half then runs f32_linear's 8 lane-wise chains over k for its row, as the
+ * 8-lane micro_tile does: the same bits at twice the width. */
+#define ZR 4 /* x rows per microtile */
+#define ZP 3 /* row pairs per microtile (6 weight rows) */
+
+static inline __attribute__((always_inline)) void dequant_pairs(const uint8_t *w, int type, int rows, int64_t K,
+                                                                 int64_t ldw, float *out) {
+    const int64_t bb = gq_block_bytes(type), spb = subs_per_block(type), nc = K / 32;
+    for (int r = 0; r < rows; r++) {
+        float *base = out + (int64_t)(r / 2) * 2 * K + (r % 2) * 8;
+        for (int64_t c = 0; c < nc; c++) {
+            const uint8_t *blk = w + r * ldw + c / spb * bb;
+            __m256 v[4];
+            if (c % spb == 0)
+                for (int64_t l = 0; l < bb; l += 64) /* the next tile */
+                    _mm_prefetch((const char *)(blk + rows * ldw + l), _MM_HINT_T0);
+            dequant8x4(blk, type, (int)(c % spb), v);
+            for (int s = 0; s < 4; s++) _mm256_storeu_ps(base + (4 * c + s) * 16, v[s]);
+        }
+    }
+    if (rows % 2) /* the last pair's second row: zeros (its sums are dropped) */
+        for (int64_t k8 = 0; k8 < K / 8; k8++) memset(out + (int64_t)(rows / 2) * 2 * K + k8 * 16 + 8, 0, 32);
+}
+
+static inline __attribute__((always_inline)) void micro_tile_z(const float *x, int64_t ldx, int R, const float *wp,
+                                                                int P, int C, int64_t K, float *y, int64_t ldy,
+                                                                const float *bias) {
+    __m512 acc[ZR][ZP];
+    for (int r = 0; r < ZR; r++)
+        for (int p = 0; p < ZP; p++) acc[r][p] = _mm512_setzero_ps();
+    for (int64_t k8 = 0; k8 < K / 8; k8++) {
+        __m512 wv[ZP];
+        for (int p = 0; p < P; p++) wv[p] = _mm512_loadu_ps(wp + p * 2 * K + k8 * 16);
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + r * ldx + 8 * k8));
+            for (int p = 0; p < P; p++) acc[r][p] = _mm512_fmadd_ps(xv, wv[p], acc[r][p]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < C; j++) {
+            const __m512 a = acc[r][j / 2];
+            const __m256 half = j % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))
+                                      : _mm512_castps512_ps256(a);
+            const float s = hsum8(half);
+            y[r * ldy + j] = bias ? s + bias[j] : s;
+        }
+}
+
+static void gq_linear_pairs(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t type,
+                            int64_t N, int64_t ldw, const float *bias, float *y, int64_t ldy) {
+    const int64_t tiles = (N + TN - 1) / TN;
+#pragma omp parallel
+    {
+        float *wb = aligned_alloc(64, (size_t)(TN * K * sizeof(float) + 63) & ~(size_t)63);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t n0 = t * TN;
+            const int rows = (int)(N - n0 < TN ? N - n0 : TN);
+#define GQ_PAIRS(T) dequant_pairs(w + n0 * ldw, T, rows, K, ldw, wb)
+            GQ_DISPATCH(type, GQ_PAIRS);
+            for (int64_t m0 = 0; m0 < M; m0 += ZR) {
+                const int R = M - m0 >= ZR ? ZR : (int)(M - m0);
+                for (int j0 = 0; j0 < rows; j0 += 2 * ZP) {
+                    const int C = rows - j0 < 2 * ZP ? rows - j0 : 2 * ZP, P = (C + 1) / 2;
+                    const float *bt = bias ? bias + n0 + j0 : NULL;
+                    float *yt = y + m0 * ldy + n0 + j0;
+                    const float *xt = x + m0 * ldx, *wt = wb + (int64_t)j0 * K;
+                    if (R == ZR && P == ZP) /* constant R and P: the loops unroll, acc stays in registers */
+                        micro_tile_z(xt, ldx, ZR, wt, ZP, C, K, yt, ldy, bt);
+                    else if (R == ZR)
+                        micro_tile_z(xt, ldx, ZR, wt, P, C, K, yt, ldy, bt);
+                    else
+                        micro_tile_z(xt, ldx, R, wt, P, C, K, yt, ldy, bt);
+                }
+            }
+        }
+        free(wb);
+    }
+}
+#endif
+
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ dequant(w).T (+ bias); K % 32 == 0 */
 void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t type, int64_t N,
                int64_t ldw, const float *bias, float *y, int64_t ldy) {
@@ -508,6 +592,12 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
         }
         return;
     }
+#if defined(GQ_AVX2) && defined(__AVX512F__)
+    if (M >= 2 * ZR) { /* below, 4-row microtiles run too few chains: the 8-lane ones are faster (same bits) */
+        gq_linear_pairs(x, M, K, ldx, w, type, N, ldw, bias, y, ldy);
+        return;
+    }
+#endif
     const int64_t tiles = (N + TN - 1) / TN;
 #pragma omp parallel
     {
