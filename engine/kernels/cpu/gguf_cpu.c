@@ -538,38 +538,50 @@ static inline __attribute__((always_inline)) void micro_tile_z(const float *x, i
         }
 }
 
-static void gq_linear_pairs(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t type,
-                            int64_t N, int64_t ldw, const float *bias, float *y, int64_t ldy) {
-    const int64_t tiles = (N + TN - 1) / TN;
-#pragma omp parallel
-    {
-        float *wb = aligned_alloc(64, (size_t)(TN * K * sizeof(float) + 63) & ~(size_t)63);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            const int64_t n0 = t * TN;
-            const int rows = (int)(N - n0 < TN ? N - n0 : TN);
-#define GQ_PAIRS(T) dequant_pairs(w + n0 * ldw, T, rows, K, ldw, wb)
-            GQ_DISPATCH(type, GQ_PAIRS);
-            for (int64_t m0 = 0; m0 < M; m0 += ZR) {
-                const int R = M - m0 >= ZR ? ZR : (int)(M - m0);
-                for (int j0 = 0; j0 < rows; j0 += 2 * ZP) {
-                    const int C = rows - j0 < 2 * ZP ? rows - j0 : 2 * ZP, P = (C + 1) / 2;
-                    const float *bt = bias ? bias + n0 + j0 : NULL;
-                    float *yt = y + m0 * ldy + n0 + j0;
-                    const float *xt = x + m0 * ldx, *wt = wb + (int64_t)j0 * K;
-                    if (R == ZR && P == ZP) /* constant R and P: the loops unroll, acc stays in registers */
-                        micro_tile_z(xt, ldx, ZR, wt, ZP, C, K, yt, ldy, bt);
-                    else if (R == ZR)
-                        micro_tile_z(xt, ldx, ZR, wt, P, C, K, yt, ldy, bt);
-                    else
-                        micro_tile_z(xt, ldx, R, wt, P, C, K, yt, ldy, bt);
-                }
-            }
+/* the x rows over one dequantized tile of row pairs (rows weight rows, C <= 2 ZP per microtile) */
+static inline __attribute__((always_inline)) void pair_tiles(const float *x, int64_t M, int64_t ldx, const float *wb,
+                                                              int rows, int64_t K, float *y, int64_t ldy,
+                                                              const float *bias) {
+    for (int64_t m0 = 0; m0 < M; m0 += ZR) {
+        const int R = M - m0 >= ZR ? ZR : (int)(M - m0);
+        for (int j0 = 0; j0 < rows; j0 += 2 * ZP) {
+            const int C = rows - j0 < 2 * ZP ? rows - j0 : 2 * ZP, P = (C + 1) / 2;
+            const float *bt = bias ? bias + j0 : NULL, *xt = x + m0 * ldx, *wt = wb + (int64_t)j0 * K;
+            float *yt = y + m0 * ldy + j0;
+            if (R == ZR && P == ZP) /* constant R and P: the loops unroll, acc stays in registers */
+                micro_tile_z(xt, ldx, ZR, wt, ZP, C, K, yt, ldy, bt);
+            else if (R == ZR)
+                micro_tile_z(xt, ldx, ZR, wt, P, C, K, yt, ldy, bt);
+            else
+                micro_tile_z(xt, ldx, R, wt, P, C, K, yt, ldy, bt);
         }
-        free(wb);
     }
 }
+#define GQ_PAIRED 1
 #endif
+#ifndef GQ_PAIRED
+#define GQ_PAIRED 0
+#endif
+
+/* the x rows over one dequantized tile (rows weight rows, row stride K), 2 x 6 microtiles */
+static inline __attribute__((always_inline)) void plain_tiles(const float *x, int64_t M, int64_t ldx, const float *wb,
+                                                               int rows, int64_t K, float *y, int64_t ldy,
+                                                               const float *bias) {
+    for (int64_t m0 = 0; m0 < M; m0 += RB) {
+        const int R = M - m0 >= RB ? RB : (int)(M - m0);
+        for (int j0 = 0; j0 < rows; j0 += NB) {
+            const int C = rows - j0 < NB ? rows - j0 : NB;
+            const float *bt = bias ? bias + j0 : NULL, *xt = x + m0 * ldx, *wt = wb + j0 * K;
+            float *yt = y + m0 * ldy + j0;
+            if (R == RB && C == NB) /* constant R and C: the loops unroll, acc stays in registers */
+                micro_tile(xt, ldx, RB, wt, NB, K, yt, ldy, bt);
+            else if (R == RB)
+                micro_tile(xt, ldx, RB, wt, C, K, yt, ldy, bt);
+            else
+                micro_tile(xt, ldx, 1, wt, C, K, yt, ldy, bt);
+        }
+    }
+}
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ dequant(w).T (+ bias); K % 32 == 0 */
 void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t type, int64_t N,
@@ -592,12 +604,9 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
         }
         return;
     }
-#if defined(GQ_AVX2) && defined(__AVX512F__)
-    if (M >= 2 * ZR) { /* below, 4-row microtiles run too few chains: the 8-lane ones are faster (same bits) */
-        gq_linear_pairs(x, M, K, ldx, w, type, N, ldw, bias, y, ldy);
-        return;
-    }
-#endif
+    /* M > 1: tiles of TN weight rows dequantized once into a per-thread buffer that every x row passes
+     * over; on AVX-512 from 8 rows as row pairs (below, 4-row microtiles run too few chains, and the
+     * 8-lane ones are faster: the same bits either way) */
     const int64_t tiles = (N + TN - 1) / TN;
 #pragma omp parallel
     {
@@ -606,22 +615,18 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * TN;
             const int rows = (int)(N - n0 < TN ? N - n0 : TN);
+            const float *bt = bias ? bias + n0 : NULL;
+#if GQ_PAIRED
+            if (M >= 8) {
+#define GQ_PAIRS(T) dequant_pairs(w + n0 * ldw, T, rows, K, ldw, wb)
+                GQ_DISPATCH(type, GQ_PAIRS);
+                pair_tiles(x, M, ldx, wb, rows, K, y + n0, ldy, bt);
+                continue;
+            }
+#endif
 #define GQ_TILE_ROWS(T) dequant_rows(w + n0 * ldw, T, rows, K, ldw, wb, K)
             GQ_DISPATCH(type, GQ_TILE_ROWS);
-            for (int64_t m0 = 0; m0 < M; m0 += RB) {
-                const int R = M - m0 >= RB ? RB : (int)(M - m0);
-                for (int j0 = 0; j0 < rows; j0 += NB) {
-                    const int C = rows - j0 < NB ? rows - j0 : NB;
-                    const float *bt = bias ? bias + n0 + j0 : NULL;
-                    float *yt = y + m0 * ldy + n0 + j0;
-                    if (R == RB && C == NB) /* constant R and C: the loops unroll, acc stays in registers */
-                        micro_tile(x + m0 * ldx, ldx, RB, wb + j0 * K, NB, K, yt, ldy, bt);
-                    else if (R == RB)
-                        micro_tile(x + m0 * ldx, ldx, RB, wb + j0 * K, C, K, yt, ldy, bt);
-                    else
-                        micro_tile(x + m0 * ldx, ldx, 1, wb + j0 * K, C, K, yt, ldy, bt);
-                }
-            }
+            plain_tiles(x, M, ldx, wb, rows, K, y + n0, ldy, bt);
         }
         free(wb);
     }
