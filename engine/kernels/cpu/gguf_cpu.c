@@ -182,31 +182,31 @@ static void dequant_sub(const uint8_t *b, int type, int j, float *out) {
 /* 8 bytes at p widened to int32 lanes */
 static inline __m256i widen8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 
-/* Q4_0 / Q4_1 nibbles as 4 vectors of int32 lanes whose low 4 bits are values 0-7, 8-15, 16-23, 24-31
- * (the bits above are not cleared: the table lookup reads only the low 4). The 16 bytes are loaded once
- * into both 128-bit lanes and vpshufb moves byte l into dword l, so nothing widens on the shuffle port
- * alone (vpmovzxbd); the high nibbles are the same dwords shifted right by 4. */
-static inline __attribute__((always_inline)) void nibbles4(const uint8_t *qs, __m256i q[4]) {
-    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
-    const __m256i lo8 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1, /* bytes 0-7 */
+/* 16 bytes at p as two vectors of int32 lanes: byte l in the low 8 bits of lane l of lo (bytes 0-7)
+ * and of hi (bytes 8-15); the bits above are not cleared (the table lookup reads only the low 4).
+ * One broadcast load into both 128-bit lanes and two vpshufb, so nothing widens on the shuffle
+ * port alone (vpmovzxbd). */
+static inline __attribute__((always_inline)) void spread16(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i lo8 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
                                          4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-    const __m256i hi8 = _mm256_add_epi8(lo8, _mm256_set1_epi8(8)); /* bytes 8-15 (-1 + 8 keeps bit 7 clear: */
-    q[0] = _mm256_shuffle_epi8(bytes, lo8);                        /* 7, a real byte, harmless above bit 3) */
-    q[1] = _mm256_shuffle_epi8(bytes, hi8);
+    /* bytes 8-15: -1 + 8 = 7 keeps bit 7 clear, a real byte, harmless above bit 3 */
+    *lo = _mm256_shuffle_epi8(bytes, lo8);
+    *hi = _mm256_shuffle_epi8(bytes, _mm256_add_epi8(lo8, _mm256_set1_epi8(8)));
+}
+
+/* Q4_0 / Q4_1 nibbles as 4 vectors whose lanes' low 4 bits are values 0-7, 8-15, 16-23, 24-31: the
+ * low nibbles of the 16 bytes, then the same lanes shifted right by 4 */
+static inline __attribute__((always_inline)) void nibbles4(const uint8_t *qs, __m256i q[4]) {
+    spread16(qs, &q[0], &q[1]);
     q[2] = _mm256_srli_epi32(q[0], 4);
     q[3] = _mm256_srli_epi32(q[1], 4);
 }
 
-/* Q4_K: value i of a sub-block is the low (shift 0) or high (shift 4) nibble of byte i of 32, as nibbles4 */
+/* Q4_K: value i of a sub-block is the low (shift 0) or high (shift 4) nibble of byte i of 32 */
 static inline __attribute__((always_inline)) void nibbles4_k(const uint8_t *qs, int shift, __m256i q[4]) {
-    const __m256i lo8 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
-                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-    const __m256i hi8 = _mm256_add_epi8(lo8, _mm256_set1_epi8(8));
-    for (int h = 0; h < 2; h++) {
-        const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qs + 16 * h)));
-        q[2 * h] = _mm256_shuffle_epi8(bytes, lo8);
-        q[2 * h + 1] = _mm256_shuffle_epi8(bytes, hi8);
-    }
+    spread16(qs, &q[0], &q[1]);
+    spread16(qs + 16, &q[2], &q[3]);
     if (shift)
         for (int i = 0; i < 4; i++) q[i] = _mm256_srli_epi32(q[i], 4);
 }
@@ -332,33 +332,40 @@ static inline __attribute__((always_inline)) void dequant8x4(const uint8_t *b, i
     default: CALL(GQ_Q8_0); break;                                                                     \
     }
 
-/* dequantize rows [0, rows) of a weight into out [rows, K] (row stride ldo floats) */
+/* dequantize rows [0, rows) of a weight into out [rows, K] (row stride ldo floats); with paired
+ * (AVX2 builds only, a constant after inlining) into the row-pair layout of the AVX-512 batched
+ * tiles instead: [rows / 2][K / 8][2][8], 8 values of a row then the same 8 of the next */
 static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *w, int64_t type, int64_t rows,
-                                                                int64_t K, int64_t ldw, float *out, int64_t ldo) {
+                                                                int64_t K, int64_t ldw, float *out, int64_t ldo,
+                                                                const int paired) {
     const int64_t bb = gq_block_bytes(type), spb = subs_per_block(type);
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = paired ? out + r / 2 * 2 * K + r % 2 * 8 : out + r * ldo;
         for (int64_t c = 0; c < K / (32 * spb); c++) {
             const uint8_t *blk = w + r * ldw + c * bb;
-            float *o = out + r * ldo + 32 * spb * c;
 #ifdef GQ_AVX2
+            /* vector i of the row (values 8i..8i+7) goes to row + vs * i */
+            const int64_t vs = paired ? 16 : 8, i0 = 4 * spb * c;
             __m256 v[4];
             for (int64_t l = 0; l < bb; l += 64) /* the next tile */
                 _mm_prefetch((const char *)(blk + rows * ldw + l), _MM_HINT_T0);
             if (spb == 1) {
                 dequant8x4(blk, (int)type, 0, v);
-                for (int s = 0; s < 4; s++) _mm256_storeu_ps(o + 8 * s, v[s]);
+                for (int s = 0; s < 4; s++) _mm256_storeu_ps(row + vs * (i0 + s), v[s]);
             } else { /* a k-quant super-block: its constants converted once */
                 struct sub_consts k[8];
                 super_consts(blk, (int)type, k);
                 for (int j = 0; j < 8; j++) {
                     dequant8x4_k(blk, (int)type, j, k[j], v);
-                    for (int s = 0; s < 4; s++) _mm256_storeu_ps(o + 32 * j + 8 * s, v[s]);
+                    for (int s = 0; s < 4; s++) _mm256_storeu_ps(row + vs * (i0 + 4 * j + s), v[s]);
                 }
             }
 #else
-            for (int j = 0; j < spb; j++) dequant_sub(blk, (int)type, j, o + 32 * j);
+            (void)paired;
+            for (int j = 0; j < spb; j++) dequant_sub(blk, (int)type, j, row + 32 * spb * c + 32 * j);
 #endif
         }
+    }
 }
 
 /* the whole weight (or any rows of it) as fp32: out [N, K] contiguous */
@@ -367,7 +374,7 @@ void gq_dequant(const uint8_t *w, int64_t type, int64_t N, int64_t K, int64_t ld
 #pragma omp parallel for schedule(static) if (N * K > 65536)
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         const int64_t rows = N - r0 < chunk ? N - r0 : chunk;
-#define GQ_SLAB(T) dequant_rows(w + r0 * ldw, T, rows, K, ldw, out + r0 * K, K)
+#define GQ_SLAB(T) dequant_rows(w + r0 * ldw, T, rows, K, ldw, out + r0 * K, K, 0)
         GQ_DISPATCH(type, GQ_SLAB);
     }
 }
@@ -376,7 +383,7 @@ void gq_dequant(const uint8_t *w, int64_t type, int64_t N, int64_t K, int64_t ld
 void gq_dequant_rows(const uint8_t *w, int64_t type, const int64_t *ids, int64_t n, int64_t K, int64_t ldw,
                      float *out) {
 #pragma omp parallel for schedule(static) if (n * K > 65536)
-    for (int64_t i = 0; i < n; i++) dequant_rows(w + ids[i] * ldw, type, 1, K, ldw, out + i * K, K);
+    for (int64_t i = 0; i < n; i++) dequant_rows(w + ids[i] * ldw, type, 1, K, ldw, out + i * K, K, 0);
 }
 
 #define NB1 8 /* weight rows per tile at M = 1 */
@@ -412,9 +419,8 @@ static inline __attribute__((always_inline)) void row_tile_k(const float *x, con
 static inline __attribute__((always_inline)) void row_tile(const float *x, const uint8_t *w, int64_t ldw,
                                                             int type, int C, int64_t K, float *y,
                                                             const float *bias) {
-    const int64_t bb = gq_block_bytes(type), spb = subs_per_block(type), nc = K / 32;
+    const int64_t bb = gq_block_bytes(type), nc = K / 32;
 #ifdef GQ_AVX2
-    (void)spb;
     __m256 acc[NB1];
     for (int j = 0; j < NB1; j++) acc[j] = _mm256_setzero_ps();
     if (type >= GQ_Q4_K) {
@@ -440,6 +446,7 @@ static inline __attribute__((always_inline)) void row_tile(const float *x, const
         y[j] = bias ? s + bias[j] : s;
     }
 #else
+    const int64_t spb = subs_per_block(type);
     for (int j = 0; j < C; j++) {
         float lane[8] = {0}, v[32];
         for (int64_t c = 0; c < nc; c++) {
@@ -497,19 +504,7 @@ static inline __attribute__((always_inline)) void micro_tile(const float *x, int
 
 static inline __attribute__((always_inline)) void dequant_pairs(const uint8_t *w, int type, int rows, int64_t K,
                                                                  int64_t ldw, float *out) {
-    const int64_t bb = gq_block_bytes(type), spb = subs_per_block(type), nc = K / 32;
-    for (int r = 0; r < rows; r++) {
-        float *base = out + (int64_t)(r / 2) * 2 * K + (r % 2) * 8;
-        for (int64_t c = 0; c < nc; c++) {
-            const uint8_t *blk = w + r * ldw + c / spb * bb;
-            __m256 v[4];
-            if (c % spb == 0)
-                for (int64_t l = 0; l < bb; l += 64) /* the next tile */
-                    _mm_prefetch((const char *)(blk + rows * ldw + l), _MM_HINT_T0);
-            dequant8x4(blk, type, (int)(c % spb), v);
-            for (int s = 0; s < 4; s++) _mm256_storeu_ps(base + (4 * c + s) * 16, v[s]);
-        }
-    }
+    dequant_rows(w, type, rows, K, ldw, out, 0, 1);
     if (rows % 2) /* the last pair's second row: zeros (its sums are dropped) */
         for (int64_t k8 = 0; k8 < K / 8; k8++) memset(out + (int64_t)(rows / 2) * 2 * K + k8 * 16 + 8, 0, 32);
 }
@@ -624,7 +619,7 @@ void gq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
                 continue;
             }
 #endif
-#define GQ_TILE_ROWS(T) dequant_rows(w + n0 * ldw, T, rows, K, ldw, wb, K)
+#define GQ_TILE_ROWS(T) dequant_rows(w + n0 * ldw, T, rows, K, ldw, wb, K, 0)
             GQ_DISPATCH(type, GQ_TILE_ROWS);
             plain_tiles(x, M, ldx, wb, rows, K, y + n0, ldy, bt);
         }
