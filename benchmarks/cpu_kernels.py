@@ -10,6 +10,8 @@
   row, GFLOP/s at more;
 - decode attention over a paged cache (9 query / 3 KV heads of 64, 30 layers): the C kernel against
   the torch backend (gather each request's blocks, then SDPA), and the KV bytes it reads per second;
+  the C kernel over an int8 cache (``kv_cache_dtype="int8"``: 68 bytes per token and head, not 256)
+  against the fp32 one;
 - read bandwidth and the fp32 2048^3 matmul rate measured in the same run, as the ceilings.
 """
 from __future__ import annotations
@@ -55,10 +57,13 @@ def bench_matmuls(kernels, rows: list[int], repeats: int) -> None:
 
 def bench_attention(kernels, configs: list[tuple[int, int]], repeats: int) -> None:
     from engine.attention.backends.torch_backend import TorchAttentionBackend
+    from engine.attention.kv_format import Int8KVFormat
     from engine.attention.metadata import AttentionMetadata
 
     bs, h, kvh, d, layers = 16, 9, 3, 64, 30
-    print(f"\n{'batch':>5s} {'context':>8s} | {'torch backend':>14s} {'C kernel':>9s} {'C x':>6s} | C reads KV at")
+    int8 = Int8KVFormat(torch.float32)
+    print(f"\n{'batch':>5s} {'context':>8s} | {'torch backend':>14s} {'C kernel':>9s} {'C x':>6s} | C reads KV at"
+          f" | {'int8 KV: C':>10s} {'vs fp32':>7s}")
     for b, ctx in configs:
         rng = random.Random(b * ctx)
         lens = [rng.randint(max(1, ctx // 2), ctx) for _ in range(b)]
@@ -85,14 +90,19 @@ def bench_attention(kernels, configs: list[tuple[int, int]], repeats: int) -> No
                                    for _ in range(layers)], repeats)
         t_c = best_time(lambda: [kernels.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d**-0.5, out)
                                for _ in range(layers)], repeats)
+        k8, v8 = int8.store(k_cache.flatten(0, 1)).view(total, bs, kvh, -1), int8.store(v_cache.flatten(0, 1)).view(
+            total, bs, kvh, -1)
+        t_8 = best_time(lambda: [kernels.paged_decode_attention_int8(q, k8, v8, tables, seq_lens, d**-0.5, out)
+                                 for _ in range(layers)], repeats)
         kv_bytes = layers * sum(lens) * kvh * d * 4 * 2
         print(f"{b:5d} {ctx:8d} | {t_torch * 1e3:11.2f} ms {t_c * 1e3:6.2f} ms {t_torch / t_c:5.2f}x | "
-              f"{kv_bytes / t_c / 1e9:5.1f} GB/s")
+              f"{kv_bytes / t_c / 1e9:5.1f} GB/s     | {t_8 * 1e3:7.2f} ms {t_c / t_8:6.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--attention-only", action="store_true", help="only the decode attention table")
     args = p.parse_args()
     from engine.kernels.cpu.ops import load
     from engine.worker.cpu_runtime import configure_cpu_runtime
@@ -106,9 +116,12 @@ def main() -> None:
     print(f"{kernels.isa} build (GEMM tiles: {kernels.gemm_isa}), {torch.get_num_threads()} threads; ceilings in this run: read {c.read_gbps:.1f} GB/s, "
           f"fp32 matmul {c.fp32_gflops:.0f} GFLOP/s")
     repeats = 2 if args.quick else 5
+    if args.attention_only:
+        bench_attention(kernels, [(1, 2048), (16, 512), (64, 256), (64, 512), (64, 2048)], repeats)
+        return
     bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512, 2048], repeats)
     bench_attention(kernels, [(1, 512), (64, 256)] if args.quick else [(1, 128), (1, 2048), (16, 512), (64, 256),
-                                                                       (64, 512)], repeats)
+                                                                       (64, 512), (64, 2048)], repeats)
 
 
 if __name__ == "__main__":

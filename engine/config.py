@@ -87,6 +87,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     swap_space_bytes: int = 0
+    cache_dtype: str = "auto"  # how K/V are stored: the model's dtype, or "int8" (engine/attention/kv_format.py)
     num_blocks: int = 0  # decided at start-up
 
 
@@ -179,6 +180,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     swap_space: float = 0  # GiB of host memory for preemption by swap
+    kv_cache_dtype: str = "auto"  # "int8": int8 K/V with a scale per token and head (docs/performance.md)
     preemption_mode: str = "recompute"
     scheduling_policy: str = "fcfs"
     seed: int = 0
@@ -222,6 +224,12 @@ class EngineArgs:
             raise ValueError("preemption_mode='swap' needs swap_space > 0 (GiB of host memory for swapped-out blocks)")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        from engine.attention.kv_format import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            hint = " (fp8 caches are not implemented; int8 halves the bytes of an fp16 cache too)" if str(
+                self.kv_cache_dtype).startswith("fp8") else ""
+            raise ValueError(f"kv_cache_dtype must be {_one_of(list(KV_CACHE_DTYPES))}, got {self.kv_cache_dtype!r}{hint}")
         # imported here: the engine.scheduler package imports this module when it is imported
         from engine.scheduler.policy import policy_names
 
@@ -287,6 +295,7 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching,
             swap_space_bytes=int(self.swap_space * (1 << 30)),
+            cache_dtype=self.kv_cache_dtype,
         )
         speculative = _speculative_config(self.speculative_config, hf_config)
         scheduler = SchedulerConfig(

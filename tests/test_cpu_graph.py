@@ -21,11 +21,12 @@ def _generate(path, counts=(1, 3, 19), **kwargs):
     return out, runner.graph_runner, llm
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_plans_give_the_eager_tokens(tiny_model_path, quantization):
-    eager, none, _ = _generate(tiny_model_path, enforce_eager=True, quantization=quantization)
+@pytest.mark.parametrize("quantization,kv_cache_dtype", [(None, "auto"), ("int8", "auto"), (None, "int8")])
+def test_plans_give_the_eager_tokens(tiny_model_path, quantization, kv_cache_dtype):
+    eager, none, _ = _generate(tiny_model_path, enforce_eager=True, quantization=quantization,
+                               kv_cache_dtype=kv_cache_dtype)
     assert none is None
-    planned, runner, llm = _generate(tiny_model_path, quantization=quantization)
+    planned, runner, llm = _generate(tiny_model_path, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     assert isinstance(runner, CpuGraphRunner)
     assert runner.num_replays > 0
     recorded = {size for size, plan in runner.plans.items() if plan is not None}

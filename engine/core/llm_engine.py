@@ -59,7 +59,7 @@ class LLMEngine:
         STARTUP.mark("KV cache")
         per_block = self.executor.kv_bytes_per_block()
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %.1f KiB per block)",
+            "KV cache (%s): %d blocks of %d tokens = %d tokens (%.1f MiB, %.1f KiB per block)", config.cache.cache_dtype,
             num_blocks, bs, num_blocks * bs, num_blocks * per_block / 2**20, per_block / 2**10,
         )
         if num_blocks * bs < config.model.max_model_len:

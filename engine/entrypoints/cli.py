@@ -7,6 +7,7 @@ import logging
 import sys
 
 from engine.attention.backends.selector import BACKENDS
+from engine.attention.kv_format import KV_CACHE_DTYPES
 from engine.config import EngineArgs, PreemptionMode
 from engine.errors import EngineError
 from engine.layers.quantization import quantization_methods
@@ -31,6 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--swap-space", type=float, default=0, help="GiB of host memory for swapped-out KV blocks")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="int8: K/V stored as int8 with a scale per token and head, ~3.8x the tokens of an fp32 "
+                   "cache (docs/performance.md gives its accuracy cost)")
     g.add_argument("--preemption-mode", choices=[m.value for m in PreemptionMode], default=PreemptionMode.RECOMPUTE.value)
     g.add_argument("--scheduling-policy", choices=policy_names(), default="fcfs")
     g.add_argument("--seed", type=int, default=0)

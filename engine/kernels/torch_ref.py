@@ -5,8 +5,12 @@ per-token Python loops; decode attention is batched over requests, prefill atten
 over the (few) prefilling requests of a step and runs one fused SDPA call each.
 
 Cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot = block * block_size + offset.
+The attention functions take ``load``, which turns gathered cache rows into K/V values (an int8
+cache's dequantization: engine/attention/kv_format.py); None reads the rows as they are.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,7 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    load: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one token per request over its paged context (its last ``window`` keys when
     ``window`` > 0; scores soft-capped as ``softcap * tanh(s / softcap)`` when ``softcap`` > 0).
@@ -54,13 +59,14 @@ def paged_decode_attention(
     b, h, d = query.shape
     _, bs, kvh, _ = k_cache.shape
     group = h // kvh
+    load = load or (lambda rows: rows)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     nblocks = (max_seq_len + bs - 1) // bs
     tables = block_tables[:, :nblocks].long()
     # [B, nblocks, bs, KVH, D] -> [B, KVH, L, D]
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2)
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    k = load(k_cache[tables]).flatten(1, 2).transpose(1, 2)
+    v = load(v_cache[tables]).flatten(1, 2).transpose(1, 2)
     length = k.shape[2]
     kpos = torch.arange(length, device=query.device)[None, :]
     valid = kpos < seq_lens[:, None].long()
@@ -85,6 +91,7 @@ def paged_prefill_attention(
     value: torch.Tensor | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    load: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of variable-length query spans over their paged context.
 
@@ -100,6 +107,7 @@ def paged_prefill_attention(
     out = torch.empty_like(query)
     h = query.shape[1]
     kvh = k_cache.shape[2]
+    load = load or (lambda rows: rows)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len = end - start
@@ -109,8 +117,8 @@ def paged_prefill_attention(
         if context == 0 and key is not None:
             k, v = key[start:end], value[start:end]
         else:
-            k = gather_kv(k_cache, block_tables[i], seq_len)
-            v = gather_kv(v_cache, block_tables[i], seq_len)
+            k = load(gather_kv(k_cache, block_tables[i], seq_len))
+            v = load(gather_kv(v_cache, block_tables[i], seq_len))
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
         k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, L, D]
         v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)

@@ -43,7 +43,7 @@ class PipelineStageRunner(ModelRunner):
         lm = load_model(mc.hf_config, mc.path, mc.dtype, self.device, show_progress, mc.quantization,
                         gguf_file=mc.gguf_file, layer_range=self.rng)
         self.model = PipelineStageModel(lm, self.rng)
-        self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
+        self.attn_backend = get_attention_backend(self.config.attention_backend, self.device, self.kv_format)
 
     def _forward(self, input_ids, positions, meta, so, lora_ctx=None) -> torch.Tensor:
         """(The last stage, inside ModelRunner.execute.) The layers of this stage on what it received."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.attention.kv_format import make_kv_format
 from engine.attention.metadata import AttentionMetadata, attention_context, build_attention_metadata
 from engine.config import EngineConfig
 from engine.lora.layers import LoRAContext, lora_context
@@ -48,6 +49,7 @@ class ModelRunner:
         self.device = device
         self.model_config = config.model
         self.block_size = config.cache.block_size
+        self.kv_format = make_kv_format(config.cache.cache_dtype, self.model_config.dtype)  # how K/V are stored
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # swap space
@@ -69,7 +71,7 @@ class ModelRunner:
         self.lora = make_lora_manager(self.config, self.model, self.device)
         from engine.attention.backends.selector import get_attention_backend
 
-        self.attn_backend = get_attention_backend(self.config.attention_backend, self.device)
+        self.attn_backend = get_attention_backend(self.config.attention_backend, self.device, self.kv_format)
         if self.proposer is not None:
             self.proposer.load(show_progress=False)
 
@@ -84,9 +86,8 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         """Bytes of the target's K/V per block (what swapping moves)."""
-        layers = self.attention_layers()
-        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
-        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in layers)
+        return sum(self.kv_format.bytes_per_block(self.block_size, a.num_kv_heads, a.head_dim)
+                   for a in self.attention_layers())
 
     def cache_bytes_per_block(self) -> int:
         """Bytes per block of every cache sized with the target's: its K/V and a draft model's."""
@@ -97,10 +98,11 @@ class ModelRunner:
         """Allocates every layer's K and V cache (zeroed, so unwritten slots are finite; on CPU as
         anonymous memory that takes pages only where blocks are written: engine/worker/lazy_zeros.py)."""
         self.kv_caches = []
+        kv = self.kv_format
         for attn in self.attention_layers():
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            k = zeros_on(shape, self.model_config.dtype, self.device)
-            v = zeros_on(shape, self.model_config.dtype, self.device)
+            shape = kv.cache_shape(num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            k = zeros_on(shape, kv.cache_dtype, self.device)
+            v = zeros_on(shape, kv.cache_dtype, self.device)
             attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
             self.kv_caches.append((k, v))
         self.max_model_len = min(self.model_config.max_model_len, num_blocks * self.block_size)
@@ -116,10 +118,11 @@ class ModelRunner:
         nblocks = -(-num_tokens // bs)
         layers = self.attention_layers()
         saved = [(a.k_cache, a.v_cache, a.backend) for a in layers]
+        kv = self.kv_format
         for a in layers:
-            shape = (nblocks, bs, a.num_kv_heads, a.head_dim)
-            a.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
-            a.v_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            shape = kv.cache_shape(nblocks, bs, a.num_kv_heads, a.head_dim)
+            a.k_cache = torch.zeros(shape, dtype=kv.cache_dtype, device=self.device)
+            a.v_cache = torch.zeros(shape, dtype=kv.cache_dtype, device=self.device)
             a.backend = self.attn_backend
         dev = self.device
         meta, positions = build_attention_metadata([num_tokens], [0], [list(range(nblocks))], bs, dev)

@@ -3,8 +3,10 @@ through SDPA as in the torch backend.
 
 The decode kernel reads each request's K/V straight from its blocks (no gather into a workspace)
 and each KV head once for its whole GQA group of query heads: at 64 requests of 128-256 tokens of
-context a layer's decode attention drops from ~4 ms to ~0.7 ms (docs/performance.md). Any other dtype or
-layout falls back to the torch backend it extends.
+context a layer's decode attention drops from ~4 ms to ~0.7 ms (docs/performance.md). An int8 cache
+(engine/attention/kv_format.py) has its own write and decode kernels, chosen here once; its
+prefills dequantize the gathered blocks. Any other dtype or layout falls back to the torch backend
+it extends.
 """
 from __future__ import annotations
 
@@ -12,25 +14,37 @@ import torch
 
 from engine.attention.backends.base import StepReplay
 from engine.attention.backends.torch_backend import TorchAttentionBackend
+from engine.attention.kv_format import KVCacheFormat
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels import torch_ref
 from engine.kernels.cpu.ops import CpuFp32Kernels, fp32_cpu_kernels, heads_contiguous
 from engine.kernels.cpu.plan import empty
 
 
+# the kernels (CpuFp32Kernels methods) that write and decode each cache format
+KERNELS = {"auto": ("write_kv", "paged_decode_attention"), "int8": ("write_kv_int8", "paged_decode_attention_int8")}
+
+
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
     step_replay = StepReplay.KERNEL_PLAN
 
-    def __init__(self, kernels: CpuFp32Kernels) -> None:
-        super().__init__()
+    def __init__(self, kernels: CpuFp32Kernels, kv: KVCacheFormat | None = None) -> None:
+        super().__init__(kv)
         self.kernels = kernels
+        write, decode = KERNELS[self.kv.name]
+        self._write_kv, self._decode_kernel = getattr(kernels, write), getattr(kernels, decode)
+        self._max_head_dim = None if self.kv.exact else kernels.int8_max_head_dim  # int8 dequantizes a chunk
 
     def _usable(self, query, key, value, k_cache, meta: AttentionMetadata) -> bool:
-        if fp32_cpu_kernels(query, key, value, k_cache) is None:
+        if fp32_cpu_kernels(query, key, value) is None or k_cache.device.type != "cpu":
+            return False
+        d = query.shape[2]
+        if k_cache.dtype != self.kv.cache_dtype or k_cache.shape[3] != self.kv.row_width(d):
             return False
         group = query.shape[1] // k_cache.shape[2]
-        return (all(heads_contiguous(t) for t in (query, key, value)) and query.shape[2] % 8 == 0
+        return (all(heads_contiguous(t) for t in (query, key, value)) and d % 8 == 0
+                and (self._max_head_dim is None or d <= self._max_head_dim)
                 and group <= self.kernels.max_group and k_cache.is_contiguous()
                 and meta.block_tables.dtype == torch.int32 and meta.block_tables.stride(1) == 1
                 and meta.seq_lens.dtype == torch.int32 and meta.slot_mapping.dtype == torch.int64)
@@ -39,19 +53,20 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 softcap: float = 0.0) -> torch.Tensor:
         if not self._usable(query, key, value, k_cache, meta):
             return super().forward(query, key, value, k_cache, v_cache, meta, scale, window, softcap)
-        self.kernels.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        self._write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         t, h, d = query.shape
         out = empty(t, h, d)  # fp32 (checked above); a plan's shared buffer while one is recorded
         nd = meta.num_decodes
         if nd:
-            self.kernels.paged_decode_attention(query[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                                meta.seq_lens[:nd], scale, out[:nd], window, softcap)
+            self._decode_kernel(query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                out[:nd], window, softcap)
         if nd == meta.num_requests:
             return out
         qsl = meta.query_start_loc_host[nd:]
         base = qsl[0]
         out[base:] = torch_ref.paged_prefill_attention(
             query[base:], k_cache, v_cache, meta.block_tables[nd:], [x - base for x in qsl],
-            meta.seq_lens_host[nd:], scale, key=key[base:], value=value[base:], window=window, softcap=softcap,
+            meta.seq_lens_host[nd:], scale, key=self.kv.fresh(key[base:]), value=self.kv.fresh(value[base:]),
+            window=window, softcap=softcap, load=self.kv.load,
         )
         return out

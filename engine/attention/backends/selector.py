@@ -1,17 +1,23 @@
 """Chooses the attention backend once at start-up.
 
 ``auto`` is Triton on CUDA, the C kernels on CPU where they build (``cpu``), and torch otherwise.
+An int8 KV cache (``kv_cache_dtype="int8"``, engine/attention/kv_format.py) has kernels in the
+``cpu`` backend and runs anywhere on the ``torch`` one; ``auto`` with it on CUDA is ``torch``.
 Backend modules are imported lazily: only the chosen one is loaded, so triton (whose interpreter mode
 is fixed when it is imported) and the optional xformers are never pulled in by a CPU run.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
 
 from engine.attention.backends.base import AttentionBackend
+from engine.attention.kv_format import KVCacheFormat
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "cpu", "torch", "xformers")
 
@@ -24,13 +30,13 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _torch_backend() -> AttentionBackend:
+def _torch_backend(kv: KVCacheFormat | None) -> AttentionBackend:
     from engine.attention.backends.torch_backend import TorchAttentionBackend
 
-    return TorchAttentionBackend()
+    return TorchAttentionBackend(kv)
 
 
-def _cpu_backend(device: torch.device, required: bool) -> AttentionBackend | None:
+def _cpu_backend(device: torch.device, required: bool, kv: KVCacheFormat | None) -> AttentionBackend | None:
     if device.type != "cpu":
         if required:
             raise ValueError(f"attention_backend='cpu' runs on CPU, not {device.type}; use 'auto'")
@@ -45,7 +51,7 @@ def _cpu_backend(device: torch.device, required: bool) -> AttentionBackend | Non
         return None
     from engine.attention.backends.cpu_backend import CpuAttentionBackend
 
-    return CpuAttentionBackend(kernels)
+    return CpuAttentionBackend(kernels, kv)
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:
@@ -81,19 +87,27 @@ def _xformers_backend(device: torch.device) -> AttentionBackend:
     return XFormersAttentionBackend(api)
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Returns the backend for ``name`` on ``device``; a ValueError says why a choice cannot run here."""
+def get_attention_backend(name: str, device: torch.device, kv: KVCacheFormat | None = None) -> AttentionBackend:
+    """Returns the backend for ``name`` on ``device`` with a cache in format ``kv`` (None: the
+    model's dtype); a ValueError says why a choice cannot run here."""
     device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"unknown attention_backend={name!r}; choose one of {', '.join(BACKENDS)}")
+    quantized = kv is not None and not kv.exact
+    if quantized and name in ("triton", "xformers"):
+        raise ValueError(f"kv_cache_dtype={kv.name!r} is implemented by the 'cpu' and 'torch' attention backends, "
+                         f"not {name!r}; use attention_backend='torch' (or 'auto'), or kv_cache_dtype='auto'")
     if name == "auto":
-        if device.type == "cuda" and _triton_installed():
+        if device.type == "cuda" and _triton_installed() and not quantized:
             return _triton_backend(device)
-        return _cpu_backend(device, required=False) or _torch_backend()
+        if device.type == "cuda" and quantized:
+            logger.info("kv_cache_dtype=%r on CUDA: the torch attention backend (the Triton kernels read the "
+                        "model's dtype only)", kv.name)
+        return _cpu_backend(device, required=False, kv=kv) or _torch_backend(kv)
     if name == "cpu":
-        return _cpu_backend(device, required=True)
+        return _cpu_backend(device, required=True, kv=kv)
     if name == "torch":
-        return _torch_backend()
+        return _torch_backend(kv)
     if name == "triton":
         return _triton_backend(device)
     return _xformers_backend(device)

@@ -4,6 +4,8 @@ Decode requests are planned once per step (``prepare``): grouped by context leng
 to the longest context of a group wastes at most half of what is gathered, with their block ids
 flattened. Every layer then gathers each group's K/V blocks into a workspace that lives as long as
 the backend: a fresh multi-MB tensor per layer would cost more in page faults than the copy itself.
+The cache's format (engine/attention/kv_format.py) turns new K/V into rows and gathered rows back
+into values.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.backends.base import AttentionBackend
+from engine.attention.kv_format import KVCacheFormat
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels import torch_ref
 
@@ -64,7 +67,8 @@ def plan_decode_groups(meta: AttentionMetadata, max_waste: float = 0.5) -> list[
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, kv: KVCacheFormat | None = None) -> None:
+        self.kv = kv or KVCacheFormat(torch.float32)  # "auto" stores rows in whatever dtype the cache has
         self._planned_for: AttentionMetadata | None = None  # held, so its id cannot be reused
         self._groups: list[DecodeGroup] = []
         self._workspace: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -80,14 +84,15 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
                 out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
-        _, bs, kvh, d = k_cache.shape
+        _, bs, kvh, row = k_cache.shape
+        d = query.shape[2]
         group = query.shape[1] // kvh
         for g in self._groups:
             k_buf, v_buf = self._buffers(k_cache, g.block_ids.numel())
             torch.index_select(k_cache, 0, g.block_ids, out=k_buf)
             torch.index_select(v_cache, 0, g.block_ids, out=v_buf)
-            k = k_buf.view(g.num_rows, g.num_blocks * bs, kvh, d)[:, : g.length].transpose(1, 2)
-            v = v_buf.view(g.num_rows, g.num_blocks * bs, kvh, d)[:, : g.length].transpose(1, 2)
+            k = self.kv.load(k_buf.view(g.num_rows, g.num_blocks * bs, kvh, row)[:, : g.length]).transpose(1, 2)
+            v = self.kv.load(v_buf.view(g.num_rows, g.num_blocks * bs, kvh, row)[:, : g.length]).transpose(1, 2)
             q = query if g.rows is None else query.index_select(0, g.rows)
             mask = g.mask
             if window > 0:  # a row sees its last `window` keys only
@@ -113,7 +118,7 @@ class TorchAttentionBackend(AttentionBackend):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        torch_ref.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        torch_ref.write_kv(self.kv.store(key), self.kv.store(value), k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if meta is not self._planned_for:  # first layer of a step
@@ -132,9 +137,10 @@ class TorchAttentionBackend(AttentionBackend):
             [x - base for x in qsl],
             meta.seq_lens_host[nd:],
             scale,
-            key=key[base:],
-            value=value[base:],
+            key=self.kv.fresh(key[base:]),
+            value=self.kv.fresh(value[base:]),
             window=window,
             softcap=softcap,
+            load=self.kv.load,
         )
         return out

@@ -330,31 +330,92 @@ static inline void attn_accumulate(float *o, float alpha, const float *p, const 
 }
 
 /* Asks for the keys and values of the next chunk while this one is computed: blocks sit anywhere in
- * the cache, so the hardware prefetchers lose the stream at every block boundary. */
-static inline void prefetch_chunk(const float *k_cache, const float *v_cache, const int32_t *table, int64_t j0,
-                                  int64_t n, int64_t BS, int64_t KVH, int64_t kh0, int64_t span, int64_t D) {
+ * the cache, so the hardware prefetchers lose the stream at every block boundary. row_bytes: bytes of one
+ * token's one KV head in the cache. */
+static inline void prefetch_chunk(const char *k_cache, const char *v_cache, const int32_t *table, int64_t j0,
+                                  int64_t n, int64_t BS, int64_t KVH, int64_t kh0, int64_t span, int64_t row_bytes) {
 #ifdef F32_AVX2
-    const int64_t row = span * D * (int64_t)sizeof(float); /* bytes of one token's heads in this item */
+    const int64_t row = span * row_bytes; /* bytes of one token's heads in this item */
     for (int64_t j = 0; j < n; j++) {
-        const int64_t pos = j0 + j, off = (((int64_t)table[pos / BS] * BS + pos % BS) * KVH + kh0) * D;
+        const int64_t pos = j0 + j, off = (((int64_t)table[pos / BS] * BS + pos % BS) * KVH + kh0) * row_bytes;
         for (int64_t b = 0; b < row; b += 64) {
-            _mm_prefetch((const char *)(k_cache + off) + b, _MM_HINT_T0);
-            _mm_prefetch((const char *)(v_cache + off) + b, _MM_HINT_T0);
+            _mm_prefetch(k_cache + off + b, _MM_HINT_T0);
+            _mm_prefetch(v_cache + off + b, _MM_HINT_T0);
         }
     }
 #else
-    (void)k_cache; (void)v_cache; (void)table; (void)j0; (void)n; (void)BS; (void)KVH; (void)kh0; (void)span; (void)D;
+    (void)k_cache; (void)v_cache; (void)table; (void)j0; (void)n; (void)BS; (void)KVH; (void)kh0; (void)span; (void)row_bytes;
 #endif
+}
+
+/* ---- int8 KV cache (engine/attention/kv_format.py) ---------------------------------------------------
+ * A row is one token's one KV head: D int8 values, then their fp32 scale (R = D + 4 bytes).
+ * scale = max|x| / 127 (1 for a row of zeros), q = rint(x / scale) clamped to +-127, read back as
+ * q * scale: the same operations as the torch format, so both give the same bits. */
+#define MAXD 256 /* head_dim the int8 decode kernel dequantizes a chunk of */
+
+static inline void quantize_row(const float *x, int64_t D, int8_t *row) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < D; d++) {
+        const float a = fabsf(x[d]);
+        amax = a > amax ? a : amax;
+    }
+    const float scale = amax > 0.f ? amax / 127.f : 1.f;
+    for (int64_t d = 0; d < D; d++) {
+        float r = rintf(x[d] / scale);
+        r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+        row[d] = (int8_t)r;
+    }
+    memcpy(row + D, &scale, sizeof scale);
+}
+
+static inline void dequantize_row(const int8_t *row, int64_t D, float *x) {
+    float scale;
+    memcpy(&scale, row + D, sizeof scale);
+    int64_t d = 0;
+#ifdef __AVX512F__
+    const __m512 sz = _mm512_set1_ps(scale);
+    for (; d + 16 <= D; d += 16) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + d)));
+        _mm512_storeu_ps(x + d, _mm512_mul_ps(_mm512_cvtepi32_ps(q), sz));
+    }
+#endif
+#ifdef F32_AVX2
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; d + 8 <= D; d += 8) {
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + d)));
+        _mm256_storeu_ps(x + d, _mm256_mul_ps(_mm256_cvtepi32_ps(q), sv));
+    }
+#endif
+    for (; d < D; d++) x[d] = (float)row[d] * scale;
+}
+
+/* k / v [T, KVH, D] (token strides ldk, ldv) quantized into their cache slots (-1: skip). */
+void i8_write_kv(const float *k, int64_t ldk, const float *v, int64_t ldv, const int64_t *slots, int64_t T,
+                 int64_t KVH, int64_t D, int8_t *k_cache, int8_t *v_cache) {
+    const int64_t R = D + 4;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;
+        for (int64_t h = 0; h < KVH; h++) {
+            quantize_row(k + t * ldk + h * D, D, k_cache + (s * KVH + h) * R);
+            quantize_row(v + t * ldv + h * D, D, v_cache + (s * KVH + h) * R);
+        }
+    }
 }
 
 /* Work items are (request, range of KV heads): with many requests one item takes all of a request's
  * heads, so each chunk of its keys and values (contiguous per token) is read from memory once; with
- * few, an item is one KV head, for parallelism. Each head sees the same operations either way. */
-void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
-                                const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
-                                int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int64_t window,
-                                float softcap, float *out) {
+ * few, an item is one KV head, for parallelism. Each head sees the same operations either way.
+ * With an int8 cache (quantized = 1) each chunk's rows of a KV head are dequantized once into fp32
+ * for its whole query group, and from there the operations are the fp32 cache's: the result has
+ * the same bits as this kernel on a cache holding the dequantized values. */
+static inline __attribute__((always_inline)) void paged_decode(
+    const float *q, int64_t ldq, const char *k_cache, const char *v_cache, const int32_t *block_tables,
+    int64_t max_blocks, const int32_t *seq_lens, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale,
+    int64_t window, float softcap, float *out, const int quantized) {
     const int64_t G = H / KVH;
+    const int64_t RW = quantized ? D + 4 : D * (int64_t)sizeof(float); /* bytes of one cache row */
 #ifdef _OPENMP
     const int64_t threads = omp_get_max_threads();
 #else
@@ -368,6 +429,7 @@ void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cach
         const int64_t L = seq_lens[b], first = (window > 0 && L > window) ? L - window : 0; /* window */
         const int32_t *table = block_tables + b * max_blocks;
         float m[MAXKV * MAXG], l[MAXKV * MAXG], sc[MAXG][CH];
+        float kbuf[quantized ? CH * MAXD : 1], vbuf[quantized ? CH * MAXD : 1]; /* a dequantized chunk */
         for (int64_t i = 0; i < span * G; i++) {
             m[i] = -INFINITY;
             l[i] = 0.f;
@@ -380,12 +442,20 @@ void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cach
                 const int64_t pos = j0 + j;
                 tok[j] = (int64_t)table[pos / BS] * BS + pos % BS;
             }
-            prefetch_chunk(k_cache, v_cache, table, j0 + CH, min64(CH, L - j0 - CH), BS, KVH, kh0, span, D);
+            prefetch_chunk(k_cache, v_cache, table, j0 + CH, min64(CH, L - j0 - CH), BS, KVH, kh0, span, RW);
             for (int64_t kh = kh0; kh < kh0 + span; kh++) {
                 const float *kp[CH], *vp[CH];
                 for (int64_t j = 0; j < n; j++) {
-                    kp[j] = k_cache + (tok[j] * KVH + kh) * D;
-                    vp[j] = v_cache + (tok[j] * KVH + kh) * D;
+                    const char *kr = k_cache + (tok[j] * KVH + kh) * RW, *vr = v_cache + (tok[j] * KVH + kh) * RW;
+                    if (quantized) {
+                        dequantize_row((const int8_t *)kr, D, kbuf + j * D);
+                        dequantize_row((const int8_t *)vr, D, vbuf + j * D);
+                        kp[j] = kbuf + j * D;
+                        vp[j] = vbuf + j * D;
+                    } else {
+                        kp[j] = (const float *)kr;
+                        vp[j] = (const float *)vr;
+                    }
                 }
                 for (int64_t g = 0; g < G; g++) {
                     const int64_t hi = (kh - kh0) * G + g; /* this item's state slot */
@@ -408,6 +478,25 @@ void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cach
         }
     }
 }
+
+void f32_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
+                                const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
+                                int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int64_t window,
+                                float softcap, float *out) {
+    paged_decode(q, ldq, (const char *)k_cache, (const char *)v_cache, block_tables, max_blocks, seq_lens, B, H, KVH,
+                 D, BS, scale, window, softcap, out, 0);
+}
+
+/* As f32_paged_decode_attention over int8 caches [num_blocks, BS, KVH, D + 4]; D <= MAXD. */
+void i8_paged_decode_attention(const float *q, int64_t ldq, const int8_t *k_cache, const int8_t *v_cache,
+                               const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, int64_t B,
+                               int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int64_t window,
+                               float softcap, float *out) {
+    paged_decode(q, ldq, (const char *)k_cache, (const char *)v_cache, block_tables, max_blocks, seq_lens, B, H, KVH,
+                 D, BS, scale, window, softcap, out, 1);
+}
+
+int64_t i8_max_head_dim(void) { return MAXD; }
 
 int64_t f32_max_group(void) { return MAXG; }
 
@@ -450,6 +539,15 @@ void f32_paged_decode_attention_a(const int64_t *a) {
     f32_paged_decode_attention(P(0, const float *), a[1], P(2, const float *), P(3, const float *),
                                P(4, const int32_t *), a[5], P(6, const int32_t *), a[7], a[8], a[9], a[10], a[11],
                                bits_f32(a[12]), a[13], bits_f32(a[14]), P(15, float *));
+}
+void i8_write_kv_a(const int64_t *a) {
+    i8_write_kv(P(0, const float *), a[1], P(2, const float *), a[3], P(4, const int64_t *), a[5], a[6], a[7],
+                P(8, int8_t *), P(9, int8_t *));
+}
+void i8_paged_decode_attention_a(const int64_t *a) {
+    i8_paged_decode_attention(P(0, const float *), a[1], P(2, const int8_t *), P(3, const int8_t *),
+                              P(4, const int32_t *), a[5], P(6, const int32_t *), a[7], a[8], a[9], a[10], a[11],
+                              bits_f32(a[12]), a[13], bits_f32(a[14]), P(15, float *));
 }
 
 /* fns[i] is called with args + offsets[i], in order. With ns (not NULL), ns[i] += the nanoseconds

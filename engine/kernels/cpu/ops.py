@@ -1,5 +1,5 @@
 """The fp32 CPU kernels of fp32_cpu.c, through ctypes: matmuls for small batches, RMSNorm, SiLU-and-mul,
-rotary embedding, KV-cache writes and paged decode attention.
+rotary embedding, KV-cache writes and paged decode attention (over fp32 or int8 caches).
 
 Why C: at decode batch sizes most of a step's ops are a few microseconds of arithmetic behind
 several torch dispatches each (about 2,000 per SmolLM2 step), and torch's GEMMs stream a batch-1
@@ -37,6 +37,7 @@ class CpuFp32Kernels:
         lib = ctypes.CDLL(str(path))  # shares the libgomp thread pool torch has loaded
         lib.f32_isa.restype = ctypes.c_char_p
         lib.f32_max_group.restype = _i64
+        lib.i8_max_head_dim.restype = _i64
         signatures = {
             "f32_linear": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _i64],
             "f32_rms_norm": [_p, _p, _p, _i64, _i64, _f64, _p],
@@ -45,6 +46,9 @@ class CpuFp32Kernels:
             "f32_write_kv": [_p, _i64, _p, _i64, _p, _i64, _i64, _p, _p],
             "f32_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _i64,
                                            _f32, _p],
+            "i8_write_kv": [_p, _i64, _p, _i64, _p, _i64, _i64, _i64, _p, _p],
+            "i8_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _i64,
+                                          _f32, _p],
         }
         self._fn: dict[str, tuple] = {}
         for name, argtypes in signatures.items():
@@ -79,6 +83,7 @@ class CpuFp32Kernels:
         self.lib, self.path = lib, path
         self.isa: str = lib.f32_isa().decode()
         self.max_group = int(lib.f32_max_group())
+        self.int8_max_head_dim = int(lib.i8_max_head_dim())
 
     def _call(self, name: str, args: tuple, keep: tuple, plan_args: tuple | None = None) -> None:
         """Runs a kernel; while a plan is recorded, also records it with ``keep``, the tensors
@@ -175,6 +180,14 @@ class CpuFp32Kernels:
                                     slots.data_ptr(), key.shape[0], key.shape[1] * key.shape[2],
                                     k_cache.data_ptr(), v_cache.data_ptr()), (key, value, slots))
 
+    def write_kv_int8(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+        """As :meth:`write_kv` into int8 caches [num_blocks, BS, KVH, D + 4]: each row quantized with
+        its own scale, the bits of ``Int8KVFormat.store`` (engine/attention/kv_format.py)."""
+        self._call("i8_write_kv", (key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+                                   slots.data_ptr(), key.shape[0], key.shape[1], key.shape[2],
+                                   k_cache.data_ptr(), v_cache.data_ptr()), (key, value, slots))
+
     def paged_decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
@@ -182,12 +195,24 @@ class CpuFp32Kernels:
         block_tables [B, max_blocks] and seq_lens [B] are int32. ``window`` > 0: the last ``window``
         keys only; ``softcap`` > 0: scores capped to ``softcap * tanh(s / softcap)``. Both are the
         layer's constants, so a kernel plan records them as they are."""
+        self._decode("f32_paged_decode_attention", query, k_cache, v_cache, block_tables, seq_lens, scale, out,
+                     window, softcap)
+
+    def paged_decode_attention_int8(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                    out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
+        """As :meth:`paged_decode_attention` over int8 caches (head_dim <= ``int8_max_head_dim``): the
+        same bits as the fp32 kernel over the dequantized cache."""
+        self._decode("i8_paged_decode_attention", query, k_cache, v_cache, block_tables, seq_lens, scale, out,
+                     window, softcap)
+
+    def _decode(self, name: str, query, k_cache, v_cache, block_tables, seq_lens, scale, out, window, softcap) -> None:
         b, h, d = query.shape
         _, bs, kvh, _ = k_cache.shape
         args = (query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                 block_tables.stride(0), seq_lens.data_ptr(), b, h, kvh, d, bs, scale, int(window), float(softcap),
                 out.data_ptr())
-        self._call("f32_paged_decode_attention", args, (query, block_tables, seq_lens, out),
+        self._call(name, args, (query, block_tables, seq_lens, out),
                    args[:12] + (f32_bits(scale), args[13], f32_bits(args[14]), args[15]))
 
 
