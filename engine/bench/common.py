@@ -127,7 +127,8 @@ def engine_settings(llm: Any) -> str:
     """What the engine ran with, for the table's settings column."""
     c = llm.llm_engine.config
     dtype = str(c.model.dtype).removeprefix("torch.").replace("float32", "fp32")
-    return (f"{dtype}{', ' + c.model.quantization if c.model.quantization else ''}, "
+    kv = f", kv {c.cache.cache_dtype}" if c.cache.cache_dtype != "auto" else ""
+    return (f"{dtype}{', ' + c.model.quantization if c.model.quantization else ''}{kv}, "
             f"tp={c.parallel.tensor_parallel_size}, max_num_seqs={c.scheduler.max_num_seqs}, "
             f"prefix caching {'on' if c.cache.enable_prefix_caching else 'off'}")
 
