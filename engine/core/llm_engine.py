@@ -6,6 +6,7 @@ import itertools
 import logging
 import time
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from engine.block_manager.kv_cache_manager import KVCacheManager
@@ -28,10 +29,29 @@ from engine.structured_output.manager import make_structured_output_manager
 logger = logging.getLogger(__name__)
 
 
+# tokenizer classes that load from tokenizer.json alone: named in tokenizer_config.json, they are what
+# AutoTokenizer returns, and loading them directly skips its config lookup (1.5 s of transformers'
+# config classes at start-up)
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(config: EngineConfig) -> Any:
+    import json
+
+    path = Path(config.tokenizer or config.model.path)
+    try:
+        name = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name in GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
+        import transformers
+
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls.from_pretrained(str(path))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(config.tokenizer or config.model.path))
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 class LLMEngine:

@@ -106,11 +106,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         frequency_penalty=ns.frequency_penalty, stop=ns.stop, min_tokens=ns.min_tokens,
     )
     prompts = ns.prompt or ["Write a haiku about paged attention."]
-    if ns.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-    else:
-        outs = llm.generate(prompts, params)
-    STARTUP.mark(f"generation ({sum(len(c.token_ids) for o in outs for c in o.outputs)} tokens)")
+    try:
+        if ns.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outs = llm.generate(prompts, params)
+        STARTUP.mark(f"generation ({sum(len(c.token_ids) for o in outs for c in o.outputs)} tokens)")
+    finally:
+        llm.shutdown()  # before engine/__main__.py's fast exit, which runs no atexit handler
     logging.getLogger("engine.startup").debug(STARTUP.report())
     for p, out in zip(prompts, outs):
         print(f"--- prompt: {p!r}")
