@@ -14,7 +14,6 @@ for fp32 summation order); the fp32 gap at the divergences measured was at most 
 from __future__ import annotations
 
 import math
-import platform
 
 import pytest
 import torch
@@ -29,22 +28,14 @@ from engine.layers.quantization import (
 from engine.layers.quantization import cpu_kernels
 from engine.sampling_params import SamplingParams
 from tests.conftest import assert_greedy_match
+from tests.isa_builds import isa_builds
 
 INT8_TIE = 1.0
 
 
 def _kernel_builds() -> dict[str, cpu_kernels.CpuInt8Kernels]:
-    """The native build, and on x86 the AVX2 and plain-C builds too (every code path of int8_cpu.c
-    runs here whatever this CPU has: the portable builds run on any x86-64)."""
-    native = cpu_kernels.load()
-    assert native is not None, "the int8 CPU kernels did not build (is gcc installed?): see the warning logged"
-    builds = {"native": native}
-    if platform.machine() == "x86_64":
-        flags = open("/proc/cpuinfo").read()
-        if " avx2 " in flags and " fma " in flags:
-            builds["x86-64-v3"] = cpu_kernels.CpuInt8Kernels(cpu_kernels.build("x86-64-v3"))
-        builds["x86-64"] = cpu_kernels.CpuInt8Kernels(cpu_kernels.build("x86-64"))
-    return builds
+    """The native build, and on x86 the AVX2 and plain-C builds too (every code path of int8_cpu.c)."""
+    return isa_builds(cpu_kernels.load(), lambda march: cpu_kernels.CpuInt8Kernels(cpu_kernels.build(march)))
 
 
 def _layer(n: int, k: int, bias: bool, seed: int, method=None, zero_row: int | None = None) -> torch.nn.Linear:

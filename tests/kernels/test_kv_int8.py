@@ -4,8 +4,6 @@ dequantized cache bit for bit and against a float64 reference, the CPU and torch
 mixed step, and where the format is refused."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from engine.attention.backends.torch_backend import TorchAttentionBackend
 from engine.attention.kv_format import KVCacheFormat, Int8KVFormat, make_kv_format
 from engine.kernels import torch_ref
 from engine.kernels.cpu import ops
+from tests.isa_builds import isa_builds
 from tests.kernels.paged import PagedCache, make_metadata, make_paged_cache
 
 INT8 = Int8KVFormat(torch.float32)
@@ -22,15 +21,7 @@ INT8 = Int8KVFormat(torch.float32)
 
 def _builds() -> dict[str, ops.CpuFp32Kernels]:
     """The native build and, on x86, the AVX2 and plain-C builds: every path of the int8 code runs."""
-    native = ops.load()
-    assert native is not None, "the fp32 CPU kernels did not build (is gcc installed?)"
-    builds = {"native": native}
-    if platform.machine() == "x86_64":
-        flags = open("/proc/cpuinfo").read()
-        if " avx2 " in flags and " fma " in flags:
-            builds["x86-64-v3"] = ops.CpuFp32Kernels(ops.build(ops.SOURCE, "x86-64-v3"))
-        builds["x86-64"] = ops.CpuFp32Kernels(ops.build(ops.SOURCE, "x86-64"))
-    return builds
+    return isa_builds(ops.load(), lambda march: ops.CpuFp32Kernels(ops.build(ops.SOURCE, march)))
 
 
 def _int8_cache(cache: PagedCache) -> PagedCache:
