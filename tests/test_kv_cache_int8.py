@@ -131,7 +131,7 @@ def _run(path, prompts, **kwargs):
 @pytest.mark.slow
 def test_int8_kv_output_does_not_depend_on_batching_chunking_caching_or_swapping(tiny_model_path):
     # the reference: one request at a time, whole prompts, nothing cached
-    alone = [_run(tiny_model_path, [p], enable_prefix_caching=False)[0][0] for p in PROMPTS]
+    alone, _ = _run(tiny_model_path, PROMPTS, enable_prefix_caching=False, max_num_seqs=1)
     refs = [{"tokens": list(o.outputs[0].token_ids), "gaps": _gaps(o)} for o in alone]
     variants = {
         "batched, 16-token chunks, prefix cached": dict(max_num_batched_tokens=16, enable_prefix_caching=True),
