@@ -4,9 +4,10 @@ through SDPA as in the torch backend.
 The decode kernel reads each request's K/V straight from its blocks (no gather into a workspace)
 and each KV head once for its whole GQA group of query heads: at 64 requests of 128-256 tokens of
 context a layer's decode attention drops from ~4 ms to ~0.7 ms (docs/performance.md). An int8 cache
-(engine/attention/kv_format.py) has its own write and decode kernels, chosen here once; its
-prefills dequantize the gathered blocks. Any other dtype or layout falls back to the torch backend
-it extends.
+(engine/attention/kv_format.py) has its own write and decode kernels, chosen here once. Prefills
+run a C kernel too (query tiles that share each chunk of keys, straight from the blocks, fp32 or
+int8; 1.1-1.8x gather + SDPA at 128-2,048 tokens); a head_dim over its limit uses gather + SDPA.
+Any other dtype or layout falls back to the torch backend it extends.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
         write, decode = KERNELS[self.kv.name]
         self._write_kv, self._decode_kernel = getattr(kernels, write), getattr(kernels, decode)
         self._max_head_dim = None if self.kv.exact else kernels.int8_max_head_dim  # int8 dequantizes a chunk
+        self._prefill_for: AttentionMetadata | None = None  # held, so its id cannot be reused
+        self._prefill_starts: torch.Tensor | None = None  # the step's prefill spans, from 0 (int32)
 
     def _usable(self, query, key, value, k_cache, meta: AttentionMetadata) -> bool:
         if fp32_cpu_kernels(query, key, value) is None or k_cache.device.type != "cpu":
@@ -64,6 +67,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return out
         qsl = meta.query_start_loc_host[nd:]
         base = qsl[0]
+        if d <= self.kernels.int8_max_head_dim:  # the prefill kernel lays out a chunk of keys per head
+            if meta is not self._prefill_for:  # first layer of a step
+                self._prefill_for = meta
+                self._prefill_starts = torch.tensor([x - base for x in qsl], dtype=torch.int32)
+            self.kernels.paged_prefill_attention(query[base:], k_cache, v_cache, meta.block_tables[nd:],
+                                                 meta.seq_lens[nd:], self._prefill_starts, scale, out[base:], window,
+                                                 softcap)
+            return out
         out[base:] = torch_ref.paged_prefill_attention(
             query[base:], k_cache, v_cache, meta.block_tables[nd:], [x - base for x in qsl],
             meta.seq_lens_host[nd:], scale, key=self.kv.fresh(key[base:]), value=self.kv.fresh(value[base:]),

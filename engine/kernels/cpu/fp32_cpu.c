@@ -498,6 +498,199 @@ void i8_paged_decode_attention(const float *q, int64_t ldq, const int8_t *k_cach
 
 int64_t i8_max_head_dim(void) { return MAXD; }
 
+/* ---- prefill attention over the paged cache ----------------------------------------------------------
+ * q [T, H, D] (row stride ldq): each request's query span, query_start_loc [B + 1] (int32, from 0);
+ * request b's keys are its first seq_lens[b] cache positions, its new tokens' K/V already written,
+ * and query j of its span sits at position seq_lens[b] - q_len + j (causal; with window > 0 it sees
+ * only the last `window` positions). out [T, H, D] contiguous.
+ *
+ * A work item is (request, KV head, tile of PQT query positions): the tile's PQT x G query rows
+ * share every chunk of PCH keys, which is laid out once per item as kT [D][PCH] (transposed,
+ * dequantized from an int8 cache), so a row's scores over the chunk are PCH / 8 vector FMA chains
+ * over d with no horizontal sums. Chunks start at multiples of PCH from position 0, whatever the
+ * tile, so a row's result depends only on its own position and keys: not on the tile it falls in,
+ * how the prompt was chunked, or the rest of the batch. */
+#define PCH 32
+#define PQT 32
+
+/* s[r][j] = scale * dot(q[r], k_j) over a chunk laid out as kT [D][PCH], for the nr (<= PGR) query
+ * heads of one position: every kT load serves all of them. Each score is one FMA chain over d. */
+#define PGR 3
+static inline __attribute__((always_inline)) void prefill_scores(const float *const *q, const int nr,
+                                                                  const float *kT, int64_t D, float scale,
+                                                                  float s[PGR][PCH]) {
+#ifdef F32_AVX2
+    __m256 a[PGR][4];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < 4; c++) a[r][c] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        const float *k = kT + d * PCH;
+        const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8), k2 = _mm256_loadu_ps(k + 16),
+                     k3 = _mm256_loadu_ps(k + 24);
+        for (int r = 0; r < nr; r++) {
+            const __m256 qd = _mm256_set1_ps(q[r][d]);
+            a[r][0] = _mm256_fmadd_ps(qd, k0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(qd, k1, a[r][1]);
+            a[r][2] = _mm256_fmadd_ps(qd, k2, a[r][2]);
+            a[r][3] = _mm256_fmadd_ps(qd, k3, a[r][3]);
+        }
+    }
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(s[r] + 8 * c, _mm256_mul_ps(a[r][c], sv));
+#else
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < PCH; j++) {
+            float a = 0.f;
+            for (int64_t d = 0; d < D; d++) a += q[r][d] * kT[d * PCH + j];
+            s[r][j] = a * scale;
+        }
+#endif
+}
+
+/* o[r] = o[r] * alpha[r] + sum over j < n of p[r][j] * v_j for the nr rows of one position: each
+ * v_j load serves all of them; per lane the operations of attn_accumulate. */
+static inline __attribute__((always_inline)) void prefill_accumulate(float *const *o, const float *alpha,
+                                                                      const float *const *p, const int nr,
+                                                                      const float *const *vp, int64_t n, int64_t D) {
+#ifdef F32_AVX2
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        __m256 acc[PGR][4];
+        for (int r = 0; r < nr; r++) {
+            const __m256 av = _mm256_set1_ps(alpha[r]);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d0 + 8 * c), av);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vp[j] + d0;
+            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                         v3 = _mm256_loadu_ps(v + 24);
+            for (int r = 0; r < nr; r++) {
+                const __m256 pj = _mm256_set1_ps(p[r][j]);
+                acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
+                acc[r][2] = _mm256_fmadd_ps(pj, v2, acc[r][2]);
+                acc[r][3] = _mm256_fmadd_ps(pj, v3, acc[r][3]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(o[r] + d0 + 8 * c, acc[r][c]);
+    }
+    for (int r = 0; r < nr && d0 < D; r++) { /* D not a multiple of 32: the rest row by row */
+        for (int64_t d = d0; d < D; d += 8) {
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), _mm256_set1_ps(alpha[r]));
+            for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[r][j]), _mm256_loadu_ps(vp[j] + d), acc);
+            _mm256_storeu_ps(o[r] + d, acc);
+        }
+    }
+#else
+    for (int r = 0; r < nr; r++) attn_accumulate(o[r], alpha[r], p[r], vp, n, D);
+#endif
+}
+
+/* One position's nr query heads over one chunk: scores, mask to keys [lo, hi), online softmax. */
+static inline __attribute__((always_inline)) void prefill_rows(const float *const *q, float *const *o, float *m,
+                                                                float *l, const int nr, const float *kT,
+                                                                const float *const *vp, int64_t lo, int64_t hi,
+                                                                int64_t D, float scale, float softcap) {
+    float sc[PGR][PCH], alpha[PGR];
+    const float *p[PGR];
+    prefill_scores(q, nr, kT, D, scale, sc);
+    for (int r = 0; r < nr; r++) {
+        float *s = sc[r] + lo;
+        for (int64_t j = 0; softcap > 0.f && j < hi - lo; j++) s[j] = softcap * tanhf(s[j] / softcap);
+        const float cmax = max_of(s, hi - lo);
+        const float mnew = cmax > m[r] ? cmax : m[r];
+        alpha[r] = exp1(m[r] - mnew); /* 0 on the row's first chunk (m = -inf) */
+        l[r] = l[r] * alpha[r] + exp_minus_and_sum(s, hi - lo, mnew);
+        m[r] = mnew;
+        p[r] = s;
+    }
+    prefill_accumulate(o, alpha, p, nr, vp + lo, hi - lo, D);
+}
+
+void f32_paged_prefill_attention(const float *q, int64_t ldq, const char *k_cache, const char *v_cache,
+                                 int64_t quantized, const int32_t *block_tables, int64_t max_blocks,
+                                 const int32_t *seq_lens, const int32_t *query_start_loc, int64_t B, int64_t H,
+                                 int64_t KVH, int64_t D, int64_t BS, float scale, int64_t window, float softcap,
+                                 float *out) {
+    const int64_t G = H / KVH;
+    const int64_t RW = quantized ? D + 4 : D * (int64_t)sizeof(float);
+    int64_t *tiles = (int64_t *)malloc((size_t)(B + 1) * sizeof(int64_t)); /* first tile of each request */
+    tiles[0] = 0;
+    for (int64_t b = 0; b < B; b++) tiles[b + 1] = tiles[b] + (query_start_loc[b + 1] - query_start_loc[b] + PQT - 1) / PQT;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles[B] * KVH; item++) {
+        const int64_t kh = item % KVH, tile = item / KVH;
+        int64_t b = 0;
+        while (tiles[b + 1] <= tile) b++;
+        const int64_t qs = query_start_loc[b], q_len = query_start_loc[b + 1] - qs, L = seq_lens[b];
+        const int64_t p0 = (tile - tiles[b]) * PQT, np = min64(PQT, q_len - p0);
+        const int64_t pos0 = L - q_len + p0, pos_last = pos0 + np - 1; /* positions of the tile's queries */
+        const int32_t *table = block_tables + b * max_blocks;
+        const int64_t R = np * G;
+        float m[PQT * MAXG], l[PQT * MAXG];
+        float kT[MAXD * PCH], vbuf[quantized ? PCH * MAXD : 1];
+        for (int64_t r = 0; r < R; r++) {
+            m[r] = -INFINITY;
+            l[r] = 0.f;
+            memset(out + ((qs + p0 + r / G) * H + kh * G + r % G) * D, 0, (size_t)D * sizeof(float));
+        }
+        const int64_t first = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0;
+        for (int64_t j0 = first / PCH * PCH; j0 <= pos_last; j0 += PCH) {
+            const int64_t n = min64(PCH, pos_last + 1 - j0);
+            const float *vp[PCH];
+            for (int64_t j = 0; j < PCH; j++) {
+                if (j >= n) { /* zero keys past the chunk's end: their scores are masked anyway */
+                    for (int64_t d = 0; d < D; d++) kT[d * PCH + j] = 0.f;
+                    continue;
+                }
+                const int64_t pos = j0 + j, row = ((int64_t)table[pos / BS] * BS + pos % BS) * KVH + kh;
+                const char *kr = k_cache + row * RW, *vr = v_cache + row * RW;
+                float kd[MAXD];
+                const float *kv = (const float *)kr;
+                if (quantized) {
+                    dequantize_row((const int8_t *)kr, D, kd);
+                    dequantize_row((const int8_t *)vr, D, vbuf + j * D);
+                    kv = kd;
+                    vp[j] = vbuf + j * D;
+                } else {
+                    vp[j] = (const float *)vr;
+                }
+                for (int64_t d = 0; d < D; d++) kT[d * PCH + j] = kv[d];
+            }
+            for (int64_t i = 0; i < np; i++) { /* the tile's positions; their G query heads share lo, hi */
+                const int64_t pos = pos0 + i, tok = qs + p0 + i;
+                const int64_t lo = window > 0 && pos - window + 1 > j0 ? pos - window + 1 - j0 : 0;
+                const int64_t hi = min64(n, pos + 1 - j0); /* this position's keys in the chunk: [lo, hi) */
+                if (hi <= lo) continue;
+                for (int64_t g0 = 0; g0 < G; g0 += PGR) {
+                    const int nr = (int)min64(PGR, G - g0);
+                    const float *qr[PGR];
+                    float *orow[PGR];
+                    for (int r = 0; r < nr; r++) {
+                        qr[r] = q + tok * ldq + (kh * G + g0 + r) * D;
+                        orow[r] = out + (tok * H + kh * G + g0 + r) * D;
+                    }
+                    float *mr = m + i * G + g0, *lr = l + i * G + g0;
+                    if (nr == 3)
+                        prefill_rows(qr, orow, mr, lr, 3, kT, vp, lo, hi, D, scale, softcap);
+                    else if (nr == 2)
+                        prefill_rows(qr, orow, mr, lr, 2, kT, vp, lo, hi, D, scale, softcap);
+                    else
+                        prefill_rows(qr, orow, mr, lr, 1, kT, vp, lo, hi, D, scale, softcap);
+                }
+            }
+        }
+        for (int64_t r = 0; r < R; r++) {
+            float *o = out + ((qs + p0 + r / G) * H + kh * G + r % G) * D;
+            const float inv = 1.f / l[r];
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+    }
+    free(tiles);
+}
+
 int64_t f32_max_group(void) { return MAXG; }
 
 /* ---- kernel plans: a decode step's kernels replayed in one call ------------------------------------
@@ -543,6 +736,11 @@ void f32_paged_decode_attention_a(const int64_t *a) {
 void i8_write_kv_a(const int64_t *a) {
     i8_write_kv(P(0, const float *), a[1], P(2, const float *), a[3], P(4, const int64_t *), a[5], a[6], a[7],
                 P(8, int8_t *), P(9, int8_t *));
+}
+void f32_paged_prefill_attention_a(const int64_t *a) {
+    f32_paged_prefill_attention(P(0, const float *), a[1], P(2, const char *), P(3, const char *), a[4],
+                                P(5, const int32_t *), a[6], P(7, const int32_t *), P(8, const int32_t *), a[9], a[10],
+                                a[11], a[12], a[13], bits_f32(a[14]), a[15], bits_f32(a[16]), P(17, float *));
 }
 void i8_paged_decode_attention_a(const int64_t *a) {
     i8_paged_decode_attention(P(0, const float *), a[1], P(2, const int8_t *), P(3, const int8_t *),

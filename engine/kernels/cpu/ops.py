@@ -47,6 +47,8 @@ class CpuFp32Kernels:
             "f32_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _i64,
                                            _f32, _p],
             "i8_write_kv": [_p, _i64, _p, _i64, _p, _i64, _i64, _i64, _p, _p],
+            "f32_paged_prefill_attention": [_p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64,
+                                            _f32, _i64, _f32, _p],
             "i8_paged_decode_attention": [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _i64,
                                           _f32, _p],
         }
@@ -205,6 +207,22 @@ class CpuFp32Kernels:
         same bits as the fp32 kernel over the dequantized cache."""
         self._decode("i8_paged_decode_attention", query, k_cache, v_cache, block_tables, seq_lens, scale, out,
                      window, softcap)
+
+    def paged_prefill_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                scale: float, out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
+        """Causal attention of each request's query span over its paged context, into ``out`` [T, H, D]
+        (contiguous); query_start_loc [B + 1] int32 from 0, block_tables [B, max_blocks] and seq_lens
+        [B] int32; an fp32 or int8 cache (head_dim <= ``int8_max_head_dim`` for int8). ``window`` and
+        ``softcap`` as in :meth:`paged_decode_attention`."""
+        t, h, d = query.shape
+        _, bs, kvh, _ = k_cache.shape
+        args = (query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                int(k_cache.dtype == torch.int8), block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
+                query_start_loc.data_ptr(), seq_lens.shape[0], h, kvh, d, bs, scale, int(window), float(softcap),
+                out.data_ptr())
+        self._call("f32_paged_prefill_attention", args, (query, block_tables, seq_lens, query_start_loc, out),
+                   args[:14] + (f32_bits(scale), args[15], f32_bits(args[16]), args[17]))
 
     def _decode(self, name: str, query, k_cache, v_cache, block_tables, seq_lens, scale, out, window, softcap) -> None:
         b, h, d = query.shape
