@@ -12,6 +12,9 @@
   the torch backend (gather each request's blocks, then SDPA), and the KV bytes it reads per second;
   the C kernel over an int8 cache (``kv_cache_dtype="int8"``: 68 bytes per token and head, not 256)
   against the fp32 one;
+- prefill attention (one request, 9 / 3 heads of 64, per layer): the C kernel against the gather +
+  SDPA path it replaced, fresh prompts of 128..2,048 tokens and a 24-token suffix on a cached
+  1,000-token prefix;
 - read bandwidth and the fp32 2048^3 matmul rate measured in the same run, as the ceilings.
 """
 from __future__ import annotations
@@ -99,6 +102,28 @@ def bench_attention(kernels, configs: list[tuple[int, int]], repeats: int) -> No
               f"{kv_bytes / t_c / 1e9:5.1f} GB/s     | {t_8 * 1e3:7.2f} ms {t_c / t_8:6.2f}x")
 
 
+def bench_prefill(kernels, cases: list[tuple[int, int]], repeats: int) -> None:
+    from engine.kernels import torch_ref
+
+    bs, h, kvh, d = 16, 9, 3, 64
+    print(f"\n{'context':>8s} {'queries':>8s} | {'gather + SDPA':>14s} {'C kernel':>9s} {'C x':>6s}   (one layer)")
+    gen = torch.Generator().manual_seed(0)
+    for ctx, qlen in cases:
+        nb = -(-ctx // bs) + 1
+        k_cache, v_cache = torch.randn(nb, bs, kvh, d, generator=gen), torch.randn(nb, bs, kvh, d, generator=gen)
+        tables = torch.arange(1, nb, dtype=torch.int32)[None]
+        q = torch.randn(qlen, h, d, generator=gen)
+        fresh = qlen == ctx
+        key, value = (torch.randn(qlen, kvh, d) if fresh else None for _ in range(2))
+        out = torch.empty(qlen, h, d)
+        lens, starts = torch.tensor([ctx], dtype=torch.int32), torch.tensor([0, qlen], dtype=torch.int32)
+        t_sdpa = best_time(lambda: torch_ref.paged_prefill_attention(q, k_cache, v_cache, tables, [0, qlen], [ctx],
+                                                                     d**-0.5, key=key, value=value), repeats)
+        t_c = best_time(lambda: kernels.paged_prefill_attention(q, k_cache, v_cache, tables, lens, starts, d**-0.5, out),
+                        repeats)
+        print(f"{ctx:8d} {qlen:8d} | {t_sdpa * 1e3:11.2f} ms {t_c * 1e3:6.2f} ms {t_sdpa / t_c:5.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -116,12 +141,15 @@ def main() -> None:
     print(f"{kernels.isa} build (GEMM tiles: {kernels.gemm_isa}), {torch.get_num_threads()} threads; ceilings in this run: read {c.read_gbps:.1f} GB/s, "
           f"fp32 matmul {c.fp32_gflops:.0f} GFLOP/s")
     repeats = 2 if args.quick else 5
+    prefill_cases = [(128, 128), (256, 256), (512, 512), (1024, 1024), (1024, 24), (2048, 2048)]
     if args.attention_only:
         bench_attention(kernels, [(1, 2048), (16, 512), (64, 256), (64, 512), (64, 2048)], repeats)
+        bench_prefill(kernels, prefill_cases, repeats)
         return
     bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512, 2048], repeats)
     bench_attention(kernels, [(1, 512), (64, 256)] if args.quick else [(1, 128), (1, 2048), (16, 512), (64, 256),
                                                                        (64, 512), (64, 2048)], repeats)
+    bench_prefill(kernels, prefill_cases[:3] if args.quick else prefill_cases, repeats)
 
 
 if __name__ == "__main__":
