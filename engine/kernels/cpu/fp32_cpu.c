@@ -329,6 +329,81 @@ static inline void attn_accumulate(float *o, float alpha, const float *p, const 
 #endif
 }
 
+#define PGR 3 /* query rows (GQA heads) that share each key and value load */
+
+/* s[r][j] = scale * dot(q[r], k_j) for nr (<= PGR) query rows over the same n keys: each key load
+ * serves every row; per key and row the operations of attn_scores, so the bits are its bits. */
+static inline __attribute__((always_inline)) void attn_scores_rows(const float *const *q, const int nr,
+                                                                    const float *const *kp, int64_t n, int64_t D,
+                                                                    float scale, float s[][CH]) {
+#ifdef F32_AVX2
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        __m256 a[PGR][4];
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < 4; c++) a[r][c] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 k0 = _mm256_loadu_ps(kp[j] + d), k1 = _mm256_loadu_ps(kp[j + 1] + d),
+                         k2 = _mm256_loadu_ps(kp[j + 2] + d), k3 = _mm256_loadu_ps(kp[j + 3] + d);
+            for (int r = 0; r < nr; r++) {
+                const __m256 qv = _mm256_loadu_ps(q[r] + d);
+                a[r][0] = _mm256_fmadd_ps(qv, k0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(qv, k1, a[r][1]);
+                a[r][2] = _mm256_fmadd_ps(qv, k2, a[r][2]);
+                a[r][3] = _mm256_fmadd_ps(qv, k3, a[r][3]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < 4; c++) s[r][j + c] = hsum8(a[r][c]) * scale;
+    }
+    if (j < n)
+        for (int r = 0; r < nr; r++) attn_scores(q[r], kp + j, n - j, D, scale, s[r] + j);
+#else
+    for (int r = 0; r < nr; r++) attn_scores(q[r], kp, n, D, scale, s[r]);
+#endif
+}
+
+/* o[r] = o[r] * alpha[r] + sum over j < n of p[r][j] * v_j for nr (<= PGR) query rows that attend to
+ * the same keys (the heads of one GQA group): each v_j load serves all of them; per lane the
+ * operations of attn_accumulate, so the bits are its bits. */
+static inline __attribute__((always_inline)) void rows_accumulate(float *const *o, const float *alpha,
+                                                                      const float *const *p, const int nr,
+                                                                      const float *const *vp, int64_t n, int64_t D) {
+#ifdef F32_AVX2
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        __m256 acc[PGR][4];
+        for (int r = 0; r < nr; r++) {
+            const __m256 av = _mm256_set1_ps(alpha[r]);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d0 + 8 * c), av);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vp[j] + d0;
+            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                         v3 = _mm256_loadu_ps(v + 24);
+            for (int r = 0; r < nr; r++) {
+                const __m256 pj = _mm256_set1_ps(p[r][j]);
+                acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
+                acc[r][2] = _mm256_fmadd_ps(pj, v2, acc[r][2]);
+                acc[r][3] = _mm256_fmadd_ps(pj, v3, acc[r][3]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(o[r] + d0 + 8 * c, acc[r][c]);
+    }
+    for (int r = 0; r < nr && d0 < D; r++) { /* D not a multiple of 32: the rest row by row */
+        for (int64_t d = d0; d < D; d += 8) {
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), _mm256_set1_ps(alpha[r]));
+            for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[r][j]), _mm256_loadu_ps(vp[j] + d), acc);
+            _mm256_storeu_ps(o[r] + d, acc);
+        }
+    }
+#else
+    for (int r = 0; r < nr; r++) attn_accumulate(o[r], alpha[r], p[r], vp, n, D);
+#endif
+}
+
 /* Asks for the keys and values of the next chunk while this one is computed: blocks sit anywhere in
  * the cache, so the hardware prefetchers lose the stream at every block boundary. row_bytes: bytes of one
  * token's one KV head in the cache. */
@@ -457,17 +532,39 @@ static inline __attribute__((always_inline)) void paged_decode(
                         vp[j] = (const float *)vr;
                     }
                 }
-                for (int64_t g = 0; g < G; g++) {
-                    const int64_t hi = (kh - kh0) * G + g; /* this item's state slot */
-                    attn_scores(q + b * ldq + (kh * G + g) * D, kp, n, D, scale, sc[g]);
-                    for (int64_t j = 0; softcap > 0.f && j < n; j++) sc[g][j] = softcap * tanhf(sc[g][j] / softcap);
-                    const float cmax = max_of(sc[g], n);
-                    const float mnew = cmax > m[hi] ? cmax : m[hi];
-                    const float alpha = exp1(m[hi] - mnew); /* 0 on the first chunk (m = -inf) */
-                    const float csum = exp_minus_and_sum(sc[g], n, mnew);
-                    l[hi] = l[hi] * alpha + csum;
-                    m[hi] = mnew;
-                    attn_accumulate(out + (b * H + kh * G + g) * D, alpha, sc[g], vp, n, D);
+                for (int64_t g0 = 0; g0 < G; g0 += PGR) {
+                    const int nr = (int)min64(PGR, G - g0);
+                    const float *qr[PGR];
+                    float *orow[PGR], alpha[PGR];
+                    const float *pr[PGR];
+                    for (int r = 0; r < nr; r++) {
+                        qr[r] = q + b * ldq + (kh * G + g0 + r) * D;
+                        orow[r] = out + (b * H + kh * G + g0 + r) * D;
+                    }
+                    float (*sg)[CH] = sc + g0;
+                    if (nr == 3)
+                        attn_scores_rows(qr, 3, kp, n, D, scale, sg);
+                    else if (nr == 2)
+                        attn_scores_rows(qr, 2, kp, n, D, scale, sg);
+                    else
+                        attn_scores_rows(qr, 1, kp, n, D, scale, sg);
+                    for (int r = 0; r < nr; r++) {
+                        const int64_t hi = (kh - kh0) * G + g0 + r; /* this item's state slot */
+                        float *sr = sg[r];
+                        for (int64_t j = 0; softcap > 0.f && j < n; j++) sr[j] = softcap * tanhf(sr[j] / softcap);
+                        const float cmax = max_of(sr, n);
+                        const float mnew = cmax > m[hi] ? cmax : m[hi];
+                        alpha[r] = exp1(m[hi] - mnew); /* 0 on the first chunk (m = -inf) */
+                        l[hi] = l[hi] * alpha[r] + exp_minus_and_sum(sr, n, mnew);
+                        m[hi] = mnew;
+                        pr[r] = sr;
+                    }
+                    if (nr == 3)
+                        rows_accumulate(orow, alpha, pr, 3, vp, n, D);
+                    else if (nr == 2)
+                        rows_accumulate(orow, alpha, pr, 2, vp, n, D);
+                    else
+                        rows_accumulate(orow, alpha, pr, 1, vp, n, D);
                 }
             }
         }
@@ -515,7 +612,6 @@ int64_t i8_max_head_dim(void) { return MAXD; }
 
 /* s[r][j] = scale * dot(q[r], k_j) over a chunk laid out as kT [D][PCH], for the nr (<= PGR) query
  * heads of one position: every kT load serves all of them. Each score is one FMA chain over d. */
-#define PGR 3
 static inline __attribute__((always_inline)) void prefill_scores(const float *const *q, const int nr,
                                                                   const float *kT, int64_t D, float scale,
                                                                   float s[PGR][PCH]) {
@@ -548,46 +644,6 @@ static inline __attribute__((always_inline)) void prefill_scores(const float *co
 #endif
 }
 
-/* o[r] = o[r] * alpha[r] + sum over j < n of p[r][j] * v_j for the nr rows of one position: each
- * v_j load serves all of them; per lane the operations of attn_accumulate. */
-static inline __attribute__((always_inline)) void prefill_accumulate(float *const *o, const float *alpha,
-                                                                      const float *const *p, const int nr,
-                                                                      const float *const *vp, int64_t n, int64_t D) {
-#ifdef F32_AVX2
-    int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) {
-        __m256 acc[PGR][4];
-        for (int r = 0; r < nr; r++) {
-            const __m256 av = _mm256_set1_ps(alpha[r]);
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d0 + 8 * c), av);
-        }
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = vp[j] + d0;
-            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-                         v3 = _mm256_loadu_ps(v + 24);
-            for (int r = 0; r < nr; r++) {
-                const __m256 pj = _mm256_set1_ps(p[r][j]);
-                acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
-                acc[r][2] = _mm256_fmadd_ps(pj, v2, acc[r][2]);
-                acc[r][3] = _mm256_fmadd_ps(pj, v3, acc[r][3]);
-            }
-        }
-        for (int r = 0; r < nr; r++)
-            for (int c = 0; c < 4; c++) _mm256_storeu_ps(o[r] + d0 + 8 * c, acc[r][c]);
-    }
-    for (int r = 0; r < nr && d0 < D; r++) { /* D not a multiple of 32: the rest row by row */
-        for (int64_t d = d0; d < D; d += 8) {
-            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), _mm256_set1_ps(alpha[r]));
-            for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[r][j]), _mm256_loadu_ps(vp[j] + d), acc);
-            _mm256_storeu_ps(o[r] + d, acc);
-        }
-    }
-#else
-    for (int r = 0; r < nr; r++) attn_accumulate(o[r], alpha[r], p[r], vp, n, D);
-#endif
-}
-
 /* One position's nr query heads over one chunk: scores, mask to keys [lo, hi), online softmax. */
 static inline __attribute__((always_inline)) void prefill_rows(const float *const *q, float *const *o, float *m,
                                                                 float *l, const int nr, const float *kT,
@@ -606,7 +662,7 @@ static inline __attribute__((always_inline)) void prefill_rows(const float *cons
         m[r] = mnew;
         p[r] = s;
     }
-    prefill_accumulate(o, alpha, p, nr, vp + lo, hi - lo, D);
+    rows_accumulate(o, alpha, p, nr, vp + lo, hi - lo, D);
 }
 
 void f32_paged_prefill_attention(const float *q, int64_t ldq, const char *k_cache, const char *v_cache,
