@@ -331,6 +331,18 @@ static inline void attn_accumulate(float *o, float alpha, const float *p, const 
 
 #define PGR 3 /* query rows (GQA heads) that share each key and value load */
 
+#ifdef F32_AVX2
+/* acc[c] += m * v[c] for c < 4: one row's four 8-lane FMA chains against four shared vectors */
+static inline __attribute__((always_inline)) void fma_x4(__m256 acc[4], __m256 m, const __m256 v[4]) {
+    for (int c = 0; c < 4; c++) acc[c] = _mm256_fmadd_ps(m, v[c], acc[c]);
+}
+
+/* v[c] = the 8 floats at x + 8 * c */
+static inline __attribute__((always_inline)) void load_x4(__m256 v[4], const float *x) {
+    for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_ps(x + 8 * c);
+}
+#endif
+
 /* s[r][j] = scale * dot(q[r], k_j) for nr (<= PGR) query rows over the same n keys: each key load
  * serves every row; per key and row the operations of attn_scores, so the bits are its bits. */
 static inline __attribute__((always_inline)) void attn_scores_rows(const float *const *q, const int nr,
@@ -343,15 +355,9 @@ static inline __attribute__((always_inline)) void attn_scores_rows(const float *
         for (int r = 0; r < nr; r++)
             for (int c = 0; c < 4; c++) a[r][c] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
-            const __m256 k0 = _mm256_loadu_ps(kp[j] + d), k1 = _mm256_loadu_ps(kp[j + 1] + d),
-                         k2 = _mm256_loadu_ps(kp[j + 2] + d), k3 = _mm256_loadu_ps(kp[j + 3] + d);
-            for (int r = 0; r < nr; r++) {
-                const __m256 qv = _mm256_loadu_ps(q[r] + d);
-                a[r][0] = _mm256_fmadd_ps(qv, k0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(qv, k1, a[r][1]);
-                a[r][2] = _mm256_fmadd_ps(qv, k2, a[r][2]);
-                a[r][3] = _mm256_fmadd_ps(qv, k3, a[r][3]);
-            }
+            const __m256 k[4] = {_mm256_loadu_ps(kp[j] + d), _mm256_loadu_ps(kp[j + 1] + d),
+                                 _mm256_loadu_ps(kp[j + 2] + d), _mm256_loadu_ps(kp[j + 3] + d)};
+            for (int r = 0; r < nr; r++) fma_x4(a[r], _mm256_loadu_ps(q[r] + d), k);
         }
         for (int r = 0; r < nr; r++)
             for (int c = 0; c < 4; c++) s[r][j + c] = hsum8(a[r][c]) * scale;
@@ -375,19 +381,13 @@ static inline __attribute__((always_inline)) void rows_accumulate(float *const *
         __m256 acc[PGR][4];
         for (int r = 0; r < nr; r++) {
             const __m256 av = _mm256_set1_ps(alpha[r]);
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d0 + 8 * c), av);
+            load_x4(acc[r], o[r] + d0);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm256_mul_ps(acc[r][c], av);
         }
         for (int64_t j = 0; j < n; j++) {
-            const float *v = vp[j] + d0;
-            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-                         v3 = _mm256_loadu_ps(v + 24);
-            for (int r = 0; r < nr; r++) {
-                const __m256 pj = _mm256_set1_ps(p[r][j]);
-                acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
-                acc[r][2] = _mm256_fmadd_ps(pj, v2, acc[r][2]);
-                acc[r][3] = _mm256_fmadd_ps(pj, v3, acc[r][3]);
-            }
+            __m256 v[4];
+            load_x4(v, vp[j] + d0);
+            for (int r = 0; r < nr; r++) fma_x4(acc[r], _mm256_set1_ps(p[r][j]), v);
         }
         for (int r = 0; r < nr; r++)
             for (int c = 0; c < 4; c++) _mm256_storeu_ps(o[r] + d0 + 8 * c, acc[r][c]);
@@ -620,16 +620,9 @@ static inline __attribute__((always_inline)) void prefill_scores(const float *co
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < 4; c++) a[r][c] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d++) {
-        const float *k = kT + d * PCH;
-        const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8), k2 = _mm256_loadu_ps(k + 16),
-                     k3 = _mm256_loadu_ps(k + 24);
-        for (int r = 0; r < nr; r++) {
-            const __m256 qd = _mm256_set1_ps(q[r][d]);
-            a[r][0] = _mm256_fmadd_ps(qd, k0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(qd, k1, a[r][1]);
-            a[r][2] = _mm256_fmadd_ps(qd, k2, a[r][2]);
-            a[r][3] = _mm256_fmadd_ps(qd, k3, a[r][3]);
-        }
+        __m256 k[4];
+        load_x4(k, kT + d * PCH);
+        for (int r = 0; r < nr; r++) fma_x4(a[r], _mm256_set1_ps(q[r][d]), k);
     }
     const __m256 sv = _mm256_set1_ps(scale);
     for (int r = 0; r < nr; r++)
