@@ -71,7 +71,8 @@ def test_c_write_stores_the_bits_of_the_torch_format(d):
         value[7, 0, 5] = 1e-30  # a tiny value among ordinary ones
         slots = torch.randperm(nb * bs, generator=gen)[:t].long()
         slots[[3, 30]] = -1  # padding, skipped
-        got_k, got_v = torch.zeros(nb, bs, kvh, d + 4, dtype=torch.int8), torch.zeros(nb, bs, kvh, d + 4, dtype=torch.int8)
+        got_k = torch.zeros(nb, bs, kvh, d + 4, dtype=torch.int8)
+        got_v = torch.zeros_like(got_k)
         want_k, want_v = got_k.clone(), got_v.clone()
         kernels.write_kv_int8(key, value, got_k, got_v, slots)
         torch_ref.write_kv(INT8.store(key), INT8.store(value), want_k, want_v, slots)
@@ -138,7 +139,8 @@ def test_backends_for_an_int8_cache():
     on_cuda = get_attention_backend("auto", cuda, INT8)
     assert type(on_cuda) is TorchAttentionBackend and on_cuda.kv is INT8
     for name in ("triton", "xformers"):
-        with pytest.raises(ValueError, match=f"kv_cache_dtype='int8' is implemented by the 'cpu' and 'torch'.*not '{name}'"):
+        message = f"kv_cache_dtype='int8' is implemented by the 'cpu' and 'torch'.*not '{name}'"
+        with pytest.raises(ValueError, match=message):
             get_attention_backend(name, cuda, INT8)
 
 

@@ -35,7 +35,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         self.kernels = kernels
         write, decode = KERNELS[self.kv.name]
         self._write_kv, self._decode_kernel = getattr(kernels, write), getattr(kernels, decode)
-        self._max_head_dim = None if self.kv.exact else kernels.int8_max_head_dim  # int8 dequantizes a chunk
+        self._max_head_dim = None if self.kv.exact else kernels.chunk_max_head_dim  # int8 decode dequantizes a chunk
         self._prefill_for: AttentionMetadata | None = None  # held, so its id cannot be reused
         self._prefill_starts: torch.Tensor | None = None  # the step's prefill spans, from 0 (int32)
 
@@ -67,7 +67,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return out
         qsl = meta.query_start_loc_host[nd:]
         base = qsl[0]
-        if d <= self.kernels.int8_max_head_dim:  # the prefill kernel lays out a chunk of keys per head
+        if d <= self.kernels.chunk_max_head_dim:  # the prefill kernel lays out a chunk of keys per head
             if meta is not self._prefill_for:  # first layer of a step
                 self._prefill_for = meta
                 self._prefill_starts = torch.tensor([x - base for x in qsl], dtype=torch.int32)

@@ -395,7 +395,8 @@ static inline __attribute__((always_inline)) void rows_accumulate(float *const *
     for (int r = 0; r < nr && d0 < D; r++) { /* D not a multiple of 32: the rest row by row */
         for (int64_t d = d0; d < D; d += 8) {
             __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), _mm256_set1_ps(alpha[r]));
-            for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[r][j]), _mm256_loadu_ps(vp[j] + d), acc);
+            for (int64_t j = 0; j < n; j++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(p[r][j]), _mm256_loadu_ps(vp[j] + d), acc);
             _mm256_storeu_ps(o[r] + d, acc);
         }
     }
@@ -419,7 +420,8 @@ static inline void prefetch_chunk(const char *k_cache, const char *v_cache, cons
         }
     }
 #else
-    (void)k_cache; (void)v_cache; (void)table; (void)j0; (void)n; (void)BS; (void)KVH; (void)kh0; (void)span; (void)row_bytes;
+    (void)k_cache; (void)v_cache; (void)table; (void)j0; (void)n; (void)BS; (void)KVH; (void)kh0; (void)span;
+    (void)row_bytes;
 #endif
 }
 
@@ -427,7 +429,7 @@ static inline void prefetch_chunk(const char *k_cache, const char *v_cache, cons
  * A row is one token's one KV head: D int8 values, then their fp32 scale (R = D + 4 bytes).
  * scale = max|x| / 127 (1 for a row of zeros), q = rint(x / scale) clamped to +-127, read back as
  * q * scale: the same operations as the torch format, so both give the same bits. */
-#define MAXD 256 /* head_dim the int8 decode kernel dequantizes a chunk of */
+#define MAXD 256 /* head_dim of the kernels that lay out a chunk of keys in a buffer (int8 decode, prefill) */
 
 static inline void quantize_row(const float *x, int64_t D, int8_t *row) {
     float amax = 0.f;
@@ -593,7 +595,7 @@ void i8_paged_decode_attention(const float *q, int64_t ldq, const int8_t *k_cach
                  D, BS, scale, window, softcap, out, 1);
 }
 
-int64_t i8_max_head_dim(void) { return MAXD; }
+int64_t f32_chunk_max_head_dim(void) { return MAXD; }
 
 /* ---- prefill attention over the paged cache ----------------------------------------------------------
  * q [T, H, D] (row stride ldq): each request's query span, query_start_loc [B + 1] (int32, from 0);
@@ -667,7 +669,8 @@ void f32_paged_prefill_attention(const float *q, int64_t ldq, const char *k_cach
     const int64_t RW = quantized ? D + 4 : D * (int64_t)sizeof(float);
     int64_t *tiles = (int64_t *)malloc((size_t)(B + 1) * sizeof(int64_t)); /* first tile of each request */
     tiles[0] = 0;
-    for (int64_t b = 0; b < B; b++) tiles[b + 1] = tiles[b] + (query_start_loc[b + 1] - query_start_loc[b] + PQT - 1) / PQT;
+    for (int64_t b = 0; b < B; b++)
+        tiles[b + 1] = tiles[b] + (query_start_loc[b + 1] - query_start_loc[b] + PQT - 1) / PQT;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles[B] * KVH; item++) {
         const int64_t kh = item % KVH, tile = item / KVH;

@@ -37,7 +37,7 @@ class CpuFp32Kernels:
         lib = ctypes.CDLL(str(path))  # shares the libgomp thread pool torch has loaded
         lib.f32_isa.restype = ctypes.c_char_p
         lib.f32_max_group.restype = _i64
-        lib.i8_max_head_dim.restype = _i64
+        lib.f32_chunk_max_head_dim.restype = _i64
         signatures = {
             "f32_linear": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _i64],
             "f32_rms_norm": [_p, _p, _p, _i64, _i64, _f64, _p],
@@ -85,7 +85,7 @@ class CpuFp32Kernels:
         self.lib, self.path = lib, path
         self.isa: str = lib.f32_isa().decode()
         self.max_group = int(lib.f32_max_group())
-        self.int8_max_head_dim = int(lib.i8_max_head_dim())
+        self.chunk_max_head_dim = int(lib.f32_chunk_max_head_dim())  # int8 decode and prefill kernels
 
     def _call(self, name: str, args: tuple, keep: tuple, plan_args: tuple | None = None) -> None:
         """Runs a kernel; while a plan is recorded, also records it with ``keep``, the tensors
@@ -203,7 +203,7 @@ class CpuFp32Kernels:
     def paged_decode_attention_int8(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                     out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
-        """As :meth:`paged_decode_attention` over int8 caches (head_dim <= ``int8_max_head_dim``): the
+        """As :meth:`paged_decode_attention` over int8 caches (head_dim <= ``chunk_max_head_dim``): the
         same bits as the fp32 kernel over the dequantized cache."""
         self._decode("i8_paged_decode_attention", query, k_cache, v_cache, block_tables, seq_lens, scale, out,
                      window, softcap)
@@ -213,7 +213,7 @@ class CpuFp32Kernels:
                                 scale: float, out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
         """Causal attention of each request's query span over its paged context, into ``out`` [T, H, D]
         (contiguous); query_start_loc [B + 1] int32 from 0, block_tables [B, max_blocks] and seq_lens
-        [B] int32; an fp32 or int8 cache (head_dim <= ``int8_max_head_dim`` for int8). ``window`` and
+        [B] int32; an fp32 or int8 cache; head_dim <= ``chunk_max_head_dim``. ``window`` and
         ``softcap`` as in :meth:`paged_decode_attention`."""
         t, h, d = query.shape
         _, bs, kvh, _ = k_cache.shape
