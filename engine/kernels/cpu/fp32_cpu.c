@@ -405,6 +405,39 @@ static inline __attribute__((always_inline)) void rows_accumulate(float *const *
 #endif
 }
 
+/* One online-softmax step for nr (<= PGR) rows over keys [lo, lo + n) of their chunk scores s[r]:
+ * soft-cap, update the running max m[r] and sum l[r], turn the scores into probabilities, then
+ * o[r] = o[r] * alpha[r] + p[r] @ v over those keys (vp: the keys' value rows from lo). */
+static inline __attribute__((always_inline)) void softmax_accumulate_rows(float s[][CH], int64_t lo, int64_t n,
+                                                                           float *m, float *l, float *const *o,
+                                                                           const float *const *vp, const int nr,
+                                                                           int64_t D, float softcap) {
+    float alpha[PGR];
+    const float *p[PGR];
+    for (int r = 0; r < nr; r++) {
+        float *sr = s[r] + lo;
+        for (int64_t j = 0; softcap > 0.f && j < n; j++) sr[j] = softcap * tanhf(sr[j] / softcap);
+        const float cmax = max_of(sr, n);
+        const float mnew = cmax > m[r] ? cmax : m[r];
+        alpha[r] = exp1(m[r] - mnew); /* 0 on the row's first chunk (m = -inf) */
+        l[r] = l[r] * alpha[r] + exp_minus_and_sum(sr, n, mnew);
+        m[r] = mnew;
+        p[r] = sr;
+    }
+    rows_accumulate(o, alpha, p, nr, vp, n, D);
+}
+
+/* Runs call(NR) with NR = nr (1..PGR) as a constant, so the row loops it reaches unroll. */
+#define DISPATCH_NR(nr, call)            \
+    do {                                 \
+        if ((nr) == 3)                   \
+            call(3);                     \
+        else if ((nr) == 2)              \
+            call(2);                     \
+        else                             \
+            call(1);                     \
+    } while (0)
+
 /* Asks for the keys and values of the next chunk while this one is computed: blocks sit anywhere in
  * the cache, so the hardware prefetchers lose the stream at every block boundary. row_bytes: bytes of one
  * token's one KV head in the cache. */
@@ -537,36 +570,19 @@ static inline __attribute__((always_inline)) void paged_decode(
                 for (int64_t g0 = 0; g0 < G; g0 += PGR) {
                     const int nr = (int)min64(PGR, G - g0);
                     const float *qr[PGR];
-                    float *orow[PGR], alpha[PGR];
-                    const float *pr[PGR];
+                    float *orow[PGR];
                     for (int r = 0; r < nr; r++) {
                         qr[r] = q + b * ldq + (kh * G + g0 + r) * D;
                         orow[r] = out + (b * H + kh * G + g0 + r) * D;
                     }
-                    float (*sg)[CH] = sc + g0;
-                    if (nr == 3)
-                        attn_scores_rows(qr, 3, kp, n, D, scale, sg);
-                    else if (nr == 2)
-                        attn_scores_rows(qr, 2, kp, n, D, scale, sg);
-                    else
-                        attn_scores_rows(qr, 1, kp, n, D, scale, sg);
-                    for (int r = 0; r < nr; r++) {
-                        const int64_t hi = (kh - kh0) * G + g0 + r; /* this item's state slot */
-                        float *sr = sg[r];
-                        for (int64_t j = 0; softcap > 0.f && j < n; j++) sr[j] = softcap * tanhf(sr[j] / softcap);
-                        const float cmax = max_of(sr, n);
-                        const float mnew = cmax > m[hi] ? cmax : m[hi];
-                        alpha[r] = exp1(m[hi] - mnew); /* 0 on the first chunk (m = -inf) */
-                        l[hi] = l[hi] * alpha[r] + exp_minus_and_sum(sr, n, mnew);
-                        m[hi] = mnew;
-                        pr[r] = sr;
-                    }
-                    if (nr == 3)
-                        rows_accumulate(orow, alpha, pr, 3, vp, n, D);
-                    else if (nr == 2)
-                        rows_accumulate(orow, alpha, pr, 2, vp, n, D);
-                    else
-                        rows_accumulate(orow, alpha, pr, 1, vp, n, D);
+                    const int64_t slot = (kh - kh0) * G + g0; /* the rows' state in this item */
+#define DECODE_ROWS(NR)                                                                              \
+    do {                                                                                             \
+        attn_scores_rows(qr, NR, kp, n, D, scale, sc + g0);                                          \
+        softmax_accumulate_rows(sc + g0, 0, n, m + slot, l + slot, orow, vp, NR, D, softcap);         \
+    } while (0)
+                    DISPATCH_NR(nr, DECODE_ROWS);
+#undef DECODE_ROWS
                 }
             }
         }
@@ -609,7 +625,7 @@ int64_t f32_chunk_max_head_dim(void) { return MAXD; }
  * over d with no horizontal sums. Chunks start at multiples of PCH from position 0, whatever the
  * tile, so a row's result depends only on its own position and keys: not on the tile it falls in,
  * how the prompt was chunked, or the rest of the batch. */
-#define PCH 32
+#define PCH CH /* keys per chunk: the decode kernel's, so both use its row helpers */
 #define PQT 32
 
 /* s[r][j] = scale * dot(q[r], k_j) over a chunk laid out as kT [D][PCH], for the nr (<= PGR) query
@@ -639,25 +655,15 @@ static inline __attribute__((always_inline)) void prefill_scores(const float *co
 #endif
 }
 
-/* One position's nr query heads over one chunk: scores, mask to keys [lo, hi), online softmax. */
+/* One position's nr query heads over one chunk: scores, then the online-softmax step over the
+ * position's keys [lo, hi) of the chunk. */
 static inline __attribute__((always_inline)) void prefill_rows(const float *const *q, float *const *o, float *m,
                                                                 float *l, const int nr, const float *kT,
                                                                 const float *const *vp, int64_t lo, int64_t hi,
                                                                 int64_t D, float scale, float softcap) {
-    float sc[PGR][PCH], alpha[PGR];
-    const float *p[PGR];
+    float sc[PGR][PCH];
     prefill_scores(q, nr, kT, D, scale, sc);
-    for (int r = 0; r < nr; r++) {
-        float *s = sc[r] + lo;
-        for (int64_t j = 0; softcap > 0.f && j < hi - lo; j++) s[j] = softcap * tanhf(s[j] / softcap);
-        const float cmax = max_of(s, hi - lo);
-        const float mnew = cmax > m[r] ? cmax : m[r];
-        alpha[r] = exp1(m[r] - mnew); /* 0 on the row's first chunk (m = -inf) */
-        l[r] = l[r] * alpha[r] + exp_minus_and_sum(s, hi - lo, mnew);
-        m[r] = mnew;
-        p[r] = s;
-    }
-    rows_accumulate(o, alpha, p, nr, vp + lo, hi - lo, D);
+    softmax_accumulate_rows(sc, lo, hi - lo, m, l, o, vp + lo, nr, D, softcap);
 }
 
 void f32_paged_prefill_attention(const float *q, int64_t ldq, const char *k_cache, const char *v_cache,
@@ -725,12 +731,9 @@ void f32_paged_prefill_attention(const float *q, int64_t ldq, const char *k_cach
                         orow[r] = out + (tok * H + kh * G + g0 + r) * D;
                     }
                     float *mr = m + i * G + g0, *lr = l + i * G + g0;
-                    if (nr == 3)
-                        prefill_rows(qr, orow, mr, lr, 3, kT, vp, lo, hi, D, scale, softcap);
-                    else if (nr == 2)
-                        prefill_rows(qr, orow, mr, lr, 2, kT, vp, lo, hi, D, scale, softcap);
-                    else
-                        prefill_rows(qr, orow, mr, lr, 1, kT, vp, lo, hi, D, scale, softcap);
+#define PREFILL_ROWS(NR) prefill_rows(qr, orow, mr, lr, NR, kT, vp, lo, hi, D, scale, softcap)
+                    DISPATCH_NR(nr, PREFILL_ROWS);
+#undef PREFILL_ROWS
                 }
             }
         }
