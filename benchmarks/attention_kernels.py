@@ -4,8 +4,8 @@ On a CUDA machine it sweeps batch x context, times both in the same run, and rep
 against the bytes decode attention must read (every request's K and V, plus q and the output), next to a
 device-copy bandwidth measured in the same run as the practical ceiling:
 
-    python benchmarks/kernels.py                      # Llama-3-8B-like heads: 32 q / 8 kv, dim 128, bf16
-    python benchmarks/kernels.py --heads 9 --kv-heads 3 --head-dim 64   # the default SmolLM2-135M shape
+    python benchmarks/attention_kernels.py                      # Llama-3-8B-like heads: 32 q / 8 kv, dim 128, bf16
+    python benchmarks/attention_kernels.py --heads 9 --kv-heads 3 --head-dim 64   # the default SmolLM2-135M shape
 
 Without a GPU it says so and exits 0; ``--interpreter-check`` then runs a tiny configuration through the
 same code in Triton's CPU interpreter (correctness only: interpreter timings mean nothing).
@@ -154,7 +154,7 @@ def format_row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU: no GPU is visible, nothing was timed.")
+        print("benchmarks/attention_kernels.py needs a CUDA GPU: no GPU is visible, nothing was timed.")
         if not args.interpreter_check:
             print("(--interpreter-check runs a tiny configuration through the same code in Triton's CPU interpreter)")
             return 0
