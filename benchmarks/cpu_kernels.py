@@ -15,6 +15,9 @@
 - prefill attention (one request, 9 / 3 heads of 64, per layer): the C kernel against the gather +
   SDPA path it replaced, fresh prompts of 128..2,048 tokens and a 24-token suffix on a cached
   1,000-token prefix;
+- int8 matmuls (``--int8``, or ``--int8-only``): the W8A8 kernel (engine/layers/quantization/int8_cpu.c)
+  on the same 120 layers against the packed fp32 GEMM, on AMX tiles where the CPU has them and on
+  AVX512-VNNI / AVX2 vectors (the same bits), 1..512 rows;
 - read bandwidth and the fp32 2048^3 matmul rate measured in the same run, as the ceilings.
 """
 from __future__ import annotations
@@ -124,10 +127,48 @@ def bench_prefill(kernels, cases: list[tuple[int, int]], repeats: int) -> None:
         print(f"{ctx:8d} {qlen:8d} | {t_sdpa * 1e3:11.2f} ms {t_c * 1e3:6.2f} ms {t_sdpa / t_c:5.2f}x")
 
 
+def bench_int8_matmuls(kernels, rows: list[int], repeats: int) -> None:
+    from engine.layers.quantization import cpu_kernels, quantize_rows
+
+    q8 = cpu_kernels.load()
+    if q8 is None:
+        print("\nthe int8 C kernels could not be built here: no int8 table")
+        return
+    torch.manual_seed(0)
+    layers = [torch.randn(n, k) for _ in range(30) for n, k in LAYER_SHAPES]
+    packed = [kernels.pack(w) for w in layers]
+    packed8 = [q8.pack(*quantize_rows(w), None, 64) for w in layers]
+    amx = q8.uses_amx
+    print(f"\nint8 W8A8 ({q8.isa} build{', AMX tiles from ' + str(q8.amx_min_rows) + ' rows' if amx else ''}), "
+          f"120 layers, against the packed fp32 GEMM (same run)")
+    print(f"{'rows':>5s} | {'fp32 packed':>11s} | {'int8 ' + q8.isa:>18s} {'vs fp32':>7s}" + (
+          f" | {'int8 AMX':>9s} {'vs fp32':>7s} {'vs ' + q8.isa:>15s}" if amx else "") + " | int8 best")
+    try:
+        for m in rows:
+            xs = {k: torch.randn(m, k) for k in (576, 1536)}
+            r = 1 if m >= 512 else repeats
+            t_f = best_time(lambda: [kernels.gemm_packed(xs[w.shape[1]], p, w.shape[0]) for w, p in zip(layers, packed)], r)
+            q8.set_amx(False)
+            t_v = best_time(lambda: [q8.w8a8(xs[w.shape[1]], p) for w, p in zip(layers, packed8)], r)
+            line = f"{m:5d} | {t_f * 1e3:8.2f} ms | {t_v * 1e3:15.2f} ms {t_f / t_v:6.2f}x"
+            best = t_v
+            if amx:
+                q8.set_amx(True)
+                t_a = best_time(lambda: [q8.w8a8(xs[w.shape[1]], p) for w, p in zip(layers, packed8)], r)
+                best = min(best, t_a)
+                line += f" | {t_a * 1e3:6.2f} ms {t_f / t_a:6.2f}x {t_v / t_a:14.2f}x"
+            ops = 2 * m * sum(w.numel() for w in layers)
+            print(line + f" | {ops / best / 1e9:5.0f} GOP/s")
+    finally:
+        q8.set_amx(True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--attention-only", action="store_true", help="only the decode attention table")
+    p.add_argument("--int8", action="store_true", help="add the int8 W8A8 matmul table")
+    p.add_argument("--int8-only", action="store_true", help="only the int8 W8A8 matmul table")
     args = p.parse_args()
     from engine.kernels.cpu.ops import load
     from engine.worker.cpu_runtime import configure_cpu_runtime
@@ -146,10 +187,16 @@ def main() -> None:
         bench_attention(kernels, [(1, 2048), (16, 512), (64, 256), (64, 512), (64, 2048)], repeats)
         bench_prefill(kernels, prefill_cases, repeats)
         return
+    int8_rows = [1, 16, 64] if args.quick else [1, 8, 16, 32, 64, 128, 256, 512]
+    if args.int8_only:
+        bench_int8_matmuls(kernels, int8_rows, repeats)
+        return
     bench_matmuls(kernels, [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512, 2048], repeats)
     bench_attention(kernels, [(1, 512), (64, 256)] if args.quick else [(1, 128), (1, 2048), (16, 512), (64, 256),
                                                                        (64, 512), (64, 2048)], repeats)
     bench_prefill(kernels, prefill_cases[:3] if args.quick else prefill_cases, repeats)
+    if args.int8:
+        bench_int8_matmuls(kernels, int8_rows, repeats)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ for fp32 summation order); the fp32 gap at the divergences measured was at most 
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -87,6 +88,36 @@ def test_c_kernels_compute_the_same_bits_as_torch():
             w8 = kn.w8(x, kn.pack_w8(w_q, w_s, b))
             ref = x.double() @ (w_q.double() * w_s.double()[:, None]).T + b.double()
             torch.testing.assert_close(w8.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+def test_amx_tiles_give_the_vnni_bits():
+    """On a CPU with AMX the native build runs batches of ``amx_min_rows`` rows or more on AMX tiles:
+    the same bits as its VNNI path and as torch, at row counts around the 16-row tiles and the
+    threshold, K of one and many groups, groups of 64 and 128, N tails. Without AMX the build must
+    say it does not use it."""
+    kn = cpu_kernels.load()
+    cpu_has_amx = "amx_int8" in open("/proc/cpuinfo").read() if platform.machine() == "x86_64" else False
+    assert kn.uses_amx == cpu_has_amx, (kn.isa, cpu_has_amx)
+    if not kn.uses_amx:
+        return
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for m, k, n, group in [(16, 64, 16, 64), (17, 576, 960, 64), (31, 1536, 37, 64), (33, 576, 64, 128),
+                               (64, 128, 100, 64), (100, 1536, 576, 64), (kn.amx_min_rows - 1, 576, 48, 64)]:
+            x = torch.randn(m, k, generator=gen) * 3
+            x[m // 2, 7] = 50.0
+            w_q, w_s = quantize_rows(torch.randn(n, k, generator=gen))
+            b = torch.randn(n, generator=gen)
+            packed = kn.pack(w_q, w_s, b, group)
+            kn.set_amx(True)
+            amx = kn.w8a8(x, packed)
+            kn.set_amx(False)
+            vnni = kn.w8a8(x, packed)
+            assert torch.equal(amx, vnni) and torch.equal(amx, int8_matmul(x, w_q, w_s, b, group=group)), (m, k, n)
+            kn.set_amx(True)  # a row alone (VNNI: below the threshold) is the same row in the AMX batch
+            assert torch.equal(kn.w8a8(x[m // 2 : m // 2 + 1], packed), amx[m // 2 : m // 2 + 1])
+    finally:
+        kn.set_amx(True)
 
 
 def test_int8_linear_is_close_to_fp32():

@@ -7,6 +7,7 @@ traffic, and torch's int8 paths spend more than that on dispatch (quantizing a r
 microseconds. It is built with the system C compiler (gcc/cc,
 ``-march=native``, about a second) into a per-machine cache; without a compiler the int8 layers
 fall back to torch ops (same numbers for W8A8, slower). ``ENGINE_INT8_CPU_KERNELS=0`` disables it.
+On CPUs with AMX, W8A8 batches run on AMX tiles (same bits); ``ENGINE_INT8_AMX=0`` keeps them on VNNI.
 """
 from __future__ import annotations
 
@@ -69,9 +70,28 @@ class CpuInt8Kernels:
         lib.q8_w8_padded_n.restype = ctypes.c_int64
         lib.q8_w8_padded_n.argtypes = [_i64]
         lib.q8_w8.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64]
+        lib.q8_uses_amx.restype = ctypes.c_int
+        lib.q8_amx_min_rows.restype = ctypes.c_int64
+        lib.q8_set_amx.argtypes = [ctypes.c_int]
         self.lib, self.path = lib, path
         self.isa: str = lib.q8_isa().decode()
         self.needs_comp: bool = bool(lib.q8_needs_comp())
+        if os.environ.get("ENGINE_INT8_AMX", "1") == "0":
+            lib.q8_set_amx(0)
+
+    @property
+    def uses_amx(self) -> bool:
+        """Whether W8A8 batches of :attr:`amx_min_rows` rows or more run on AMX tiles (an AMX build
+        on a CPU and kernel that grant the tile state; ``ENGINE_INT8_AMX=0`` turns it off)."""
+        return bool(self.lib.q8_uses_amx())
+
+    @property
+    def amx_min_rows(self) -> int:
+        return int(self.lib.q8_amx_min_rows())
+
+    def set_amx(self, on: bool) -> None:
+        """Turns the AMX path on or off in this build (same bits either way; for tests and benchmarks)."""
+        self.lib.q8_set_amx(int(on))
 
     def quantize(self, x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric int8 of a 2-D fp32 tensor per row and group of ``group`` columns:
@@ -150,5 +170,6 @@ def load(march: str = "native") -> CpuInt8Kernels | None:
     except (RuntimeError, OSError) as e:
         logger.warning("int8 CPU kernels unavailable (%s); int8 layers use torch ops", e)
         return None
-    logger.info("int8 CPU kernels: %s build, %s", kernels.isa, kernels.path)
+    logger.info("int8 CPU kernels: %s build%s, %s", kernels.isa, " + AMX tiles" if kernels.uses_amx else "",
+                kernels.path)
     return kernels
