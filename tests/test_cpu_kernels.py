@@ -56,6 +56,29 @@ def test_rms_norm_with_and_without_residual(kernels):
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
 
 
+def test_rms_norm_has_the_same_bits_in_every_build_and_batch(kernels):
+    """The sum of squares runs in 8 double lanes in a fixed order: the AVX-512, AVX2 and plain-C
+    builds give the same bits, rows alone equal rows in a batch, and widths with a tail (H % 8) too."""
+    from tests.isa_builds import isa_builds
+
+    builds = isa_builds(kernels, lambda march: ops.CpuFp32Kernels(ops.build(ops.SOURCE, march)))
+    gen = torch.Generator().manual_seed(4)
+    for h in (576, 61, 8):
+        x, r, w = torch.randn(20, h, generator=gen) * 30, torch.randn(20, h, generator=gen), torch.randn(h, generator=gen)
+        want_out, want_res = torch_ref.rms_norm(x, w, 1e-5, r.clone())
+        outs = {}
+        for name, k in builds.items():
+            res = r.clone()
+            out, _ = k.rms_norm(x, w, 1e-5, res)
+            outs[name] = (out, res)
+            assert torch.equal(res, want_res), name
+            torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+            alone = torch.cat([k.rms_norm(x[i : i + 1], w, 1e-5, r[i : i + 1].clone())[0] for i in range(20)])
+            assert torch.equal(alone, out), name
+        first = next(iter(outs.values()))[0]
+        assert all(torch.equal(o, first) for o, _ in outs.values()), h
+
+
 def test_silu_and_mul_including_extremes(kernels):
     torch.manual_seed(2)
     x = torch.randn(7, 2 * 1539) * 4  # an odd width: vector body and scalar tail

@@ -145,8 +145,49 @@ void f32_rms_norm(const float *x, float *residual, const float *w, int64_t M, in
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * H;
         float *rr = residual ? residual + m * H : NULL;
-        double ss = 0.0;
-        for (int64_t i = 0; i < H; i++) {
+        /* the squares summed in 8 double lanes (element i into lane i % 8, in order), then the lanes
+         * pairwise and the tail: the same order in every build, and no 576-long chain of adds */
+        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+#ifdef __AVX512F__
+        __m512d acc = _mm512_setzero_pd();
+        for (; i + 8 <= H; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            if (rr) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(rr + i));
+                _mm256_storeu_ps(rr + i, v);
+            }
+            const __m512d vd = _mm512_cvtps_pd(v);
+            acc = _mm512_add_pd(acc, _mm512_mul_pd(vd, vd));
+        }
+        _mm512_storeu_pd(lane, acc);
+#elif defined(F32_AVX2)
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0;
+        for (; i + 8 <= H; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            if (rr) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(rr + i));
+                _mm256_storeu_ps(rr + i, v);
+            }
+            const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            a0 = _mm256_add_pd(a0, _mm256_mul_pd(lo, lo));
+            a1 = _mm256_add_pd(a1, _mm256_mul_pd(hi, hi));
+        }
+        _mm256_storeu_pd(lane, a0);
+        _mm256_storeu_pd(lane + 4, a1);
+#else
+        for (; i + 8 <= H; i += 8)
+            for (int j = 0; j < 8; j++) {
+                float v = xr[i + j];
+                if (rr) {
+                    v += rr[i + j];
+                    rr[i + j] = v;
+                }
+                lane[j] += (double)v * v;
+            }
+#endif
+        double ss = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+        for (; i < H; i++) {
             float v = xr[i];
             if (rr) {
                 v += rr[i];
@@ -157,7 +198,7 @@ void f32_rms_norm(const float *x, float *residual, const float *w, int64_t M, in
         const float inv = (float)(1.0 / sqrt(ss / (double)H + eps));
         const float *src = rr ? rr : xr;
         float *o = out + m * H;
-        for (int64_t i = 0; i < H; i++) o[i] = w[i] * (src[i] * inv);
+        for (int64_t k = 0; k < H; k++) o[k] = w[k] * (src[k] * inv);
     }
 }
 
@@ -464,14 +505,31 @@ static inline void prefetch_chunk(const char *k_cache, const char *v_cache, cons
  * q * scale: the same operations as the torch format, so both give the same bits. */
 #define MAXD 256 /* head_dim of the kernels that lay out a chunk of keys in a buffer (int8 decode, prefill) */
 
+/* The vector loops do the scalar tail's operations lane by lane (an exact max, IEEE division, round
+ * half to even, the clamp), so a row's bytes do not depend on the build. */
 static inline void quantize_row(const float *x, int64_t D, int8_t *row) {
     float amax = 0.f;
-    for (int64_t d = 0; d < D; d++) {
+    int64_t d = 0;
+#ifdef __AVX512F__
+    __m512 mx = _mm512_setzero_ps();
+    for (; d + 16 <= D; d += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
+    amax = _mm512_reduce_max_ps(mx);
+#endif
+    for (; d < D; d++) {
         const float a = fabsf(x[d]);
         amax = a > amax ? a : amax;
     }
     const float scale = amax > 0.f ? amax / 127.f : 1.f;
-    for (int64_t d = 0; d < D; d++) {
+    d = 0;
+#ifdef __AVX512F__
+    const __m512 sv = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+    for (; d + 16 <= D; d += 16) {
+        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + d), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
+        _mm_storeu_si128((__m128i *)(row + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+    }
+#endif
+    for (; d < D; d++) {
         float r = rintf(x[d] / scale);
         r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
         row[d] = (int8_t)r;
@@ -504,6 +562,7 @@ static inline void dequantize_row(const int8_t *row, int64_t D, float *x) {
 void i8_write_kv(const float *k, int64_t ldk, const float *v, int64_t ldv, const int64_t *slots, int64_t T,
                  int64_t KVH, int64_t D, int8_t *k_cache, int8_t *v_cache) {
     const int64_t R = D + 4;
+#pragma omp parallel for schedule(static) if (T * KVH >= 64)
     for (int64_t t = 0; t < T; t++) {
         const int64_t s = slots[t];
         if (s < 0) continue;
