@@ -383,6 +383,16 @@ static inline __attribute__((always_inline)) void load_x4(__m256 v[4], const flo
     for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_ps(x + 8 * c);
 }
 #endif
+#ifdef __AVX512F__
+/* the same two steps over 16-lane vectors (AVX-512 builds): lane by lane the same operations */
+static inline __attribute__((always_inline)) void fma_x4_16(__m512 acc[4], __m512 m, const __m512 v[4]) {
+    for (int c = 0; c < 4; c++) acc[c] = _mm512_fmadd_ps(m, v[c], acc[c]);
+}
+
+static inline __attribute__((always_inline)) void load_x4_16(__m512 v[4], const float *x) {
+    for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(x + 16 * c);
+}
+#endif
 
 /* s[r][j] = scale * dot(q[r], k_j) for nr (<= PGR) query rows over the same n keys: each key load
  * serves every row; per key and row the operations of attn_scores, so the bits are its bits. */
@@ -415,9 +425,29 @@ static inline __attribute__((always_inline)) void attn_scores_rows(const float *
  * operations of attn_accumulate, so the bits are its bits. */
 static inline __attribute__((always_inline)) void rows_accumulate(float *const *o, const float *alpha,
                                                                       const float *const *p, const int nr,
-                                                                      const float *const *vp, int64_t n, int64_t D) {
+                                                                      const float *const *vp, int64_t n, int64_t D,
+                                                                      const int wide) {
 #ifdef F32_AVX2
     int64_t d0 = 0;
+#ifdef __AVX512F__
+    /* wide: 16-lane vectors, lane by lane the 8-lane loop's operations (prefill: 1.1x; decode, which
+     * waits on memory, measured 3-5% slower with them) */
+    for (; wide && d0 + 64 <= D; d0 += 64) {
+        __m512 acc[PGR][4];
+        for (int r = 0; r < nr; r++) {
+            const __m512 av = _mm512_set1_ps(alpha[r]);
+            load_x4_16(acc[r], o[r] + d0);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_mul_ps(acc[r][c], av);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            __m512 v[4];
+            load_x4_16(v, vp[j] + d0);
+            for (int r = 0; r < nr; r++) fma_x4_16(acc[r], _mm512_set1_ps(p[r][j]), v);
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(o[r] + d0 + 16 * c, acc[r][c]);
+    }
+#endif
     for (; d0 + 32 <= D; d0 += 32) {
         __m256 acc[PGR][4];
         for (int r = 0; r < nr; r++) {
@@ -442,6 +472,7 @@ static inline __attribute__((always_inline)) void rows_accumulate(float *const *
         }
     }
 #else
+    (void)wide;
     for (int r = 0; r < nr; r++) attn_accumulate(o[r], alpha[r], p[r], vp, n, D);
 #endif
 }
@@ -452,7 +483,7 @@ static inline __attribute__((always_inline)) void rows_accumulate(float *const *
 static inline __attribute__((always_inline)) void softmax_accumulate_rows(float s[][CH], int64_t lo, int64_t n,
                                                                            float *m, float *l, float *const *o,
                                                                            const float *const *vp, const int nr,
-                                                                           int64_t D, float softcap) {
+                                                                           int64_t D, float softcap, const int wide) {
     float alpha[PGR];
     const float *p[PGR];
     for (int r = 0; r < nr; r++) {
@@ -465,7 +496,7 @@ static inline __attribute__((always_inline)) void softmax_accumulate_rows(float 
         m[r] = mnew;
         p[r] = sr;
     }
-    rows_accumulate(o, alpha, p, nr, vp, n, D);
+    rows_accumulate(o, alpha, p, nr, vp, n, D, wide);
 }
 
 /* Runs call(NR) with NR = nr (1..PGR) as a constant, so the row loops it reaches unroll. */
@@ -638,7 +669,7 @@ static inline __attribute__((always_inline)) void paged_decode(
 #define DECODE_ROWS(NR)                                                                              \
     do {                                                                                             \
         attn_scores_rows(qr, NR, kp, n, D, scale, sc + g0);                                          \
-        softmax_accumulate_rows(sc + g0, 0, n, m + slot, l + slot, orow, vp, NR, D, softcap);         \
+        softmax_accumulate_rows(sc + g0, 0, n, m + slot, l + slot, orow, vp, NR, D, softcap, 0);         \
     } while (0)
                     DISPATCH_NR(nr, DECODE_ROWS);
 #undef DECODE_ROWS
@@ -692,7 +723,23 @@ int64_t f32_chunk_max_head_dim(void) { return MAXD; }
 static inline __attribute__((always_inline)) void prefill_scores(const float *const *q, const int nr,
                                                                   const float *kT, int64_t D, float scale,
                                                                   float s[PGR][PCH]) {
-#ifdef F32_AVX2
+#ifdef __AVX512F__
+    __m512 a[PGR][2];
+    for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        const __m512 k0 = _mm512_loadu_ps(kT + d * PCH), k1 = _mm512_loadu_ps(kT + d * PCH + 16);
+        for (int r = 0; r < nr; r++) {
+            const __m512 qb = _mm512_set1_ps(q[r][d]);
+            a[r][0] = _mm512_fmadd_ps(qb, k0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(qb, k1, a[r][1]);
+        }
+    }
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int r = 0; r < nr; r++) {
+        _mm512_storeu_ps(s[r], _mm512_mul_ps(a[r][0], sv));
+        _mm512_storeu_ps(s[r] + 16, _mm512_mul_ps(a[r][1], sv));
+    }
+#elif defined(F32_AVX2)
     __m256 a[PGR][4];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < 4; c++) a[r][c] = _mm256_setzero_ps();
@@ -722,7 +769,7 @@ static inline __attribute__((always_inline)) void prefill_rows(const float *cons
                                                                 int64_t D, float scale, float softcap) {
     float sc[PGR][PCH];
     prefill_scores(q, nr, kT, D, scale, sc);
-    softmax_accumulate_rows(sc, lo, hi - lo, m, l, o, vp + lo, nr, D, softcap);
+    softmax_accumulate_rows(sc, lo, hi - lo, m, l, o, vp + lo, nr, D, softcap, 1);
 }
 
 void f32_paged_prefill_attention(const float *q, int64_t ldq, const char *k_cache, const char *v_cache,
