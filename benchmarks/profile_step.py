@@ -4,6 +4,7 @@ the rest), LM head, sampling, output processing and whatever Python is left.
     python benchmarks/profile_step.py                    # one request decoding alone, and a batch of 64
     python benchmarks/profile_step.py --batch 16 --context 256
     python benchmarks/profile_step.py --batch 1 --context 32 --quantization gguf
+    python benchmarks/profile_step.py --batch 64 --context 256 --quantization int8 --kv-cache-dtype int8
 
 Each configuration is warmed up, then ``--steps`` decode steps are timed with wall clocks around the
 engine's parts, a clock around every C kernel call (inside replayed kernel plans too, timed in C),
@@ -72,14 +73,15 @@ def time_c_kernels(runner):
     return seconds
 
 
-def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: str | None = None) -> None:
+def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: str | None = None,
+            kv_cache_dtype: str = "auto") -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from engine.entrypoints.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    llm = LLM(enable_prefix_caching=False, quantization=quantization)
+    llm = LLM(enable_prefix_caching=False, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     engine = llm.llm_engine
     runner = engine.executor.worker.runner
     rng = random.Random(seed)
@@ -139,10 +141,11 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quantization", default=None, help="e.g. gguf (the default model's Q4_1 blocks) or int8")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     args = p.parse_args()
     configs = [(args.batch, args.context)] if args.batch else [(1, 32), (64, 256)]
     for batch, context in configs:
-        profile(batch, context, args.steps, quantization=args.quantization)
+        profile(batch, context, args.steps, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 
 
 if __name__ == "__main__":
