@@ -19,6 +19,8 @@ from collections import defaultdict
 
 import torch
 
+from engine.attention.kv_format import KV_CACHE_DTYPES
+
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_select", "aten::index_copy_",
                  "aten::_scaled_dot_product_attention_math", "aten::index"}
@@ -141,7 +143,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quantization", default=None, help="e.g. gguf (the default model's Q4_1 blocks) or int8")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     args = p.parse_args()
     configs = [(args.batch, args.context)] if args.batch else [(1, 32), (64, 256)]
     for batch, context in configs:

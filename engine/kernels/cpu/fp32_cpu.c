@@ -169,7 +169,8 @@ void f32_rms_norm(const float *x, float *residual, const float *w, int64_t M, in
                 v = _mm256_add_ps(v, _mm256_loadu_ps(rr + i));
                 _mm256_storeu_ps(rr + i, v);
             }
-            const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
             a0 = _mm256_add_pd(a0, _mm256_mul_pd(lo, lo));
             a1 = _mm256_add_pd(a1, _mm256_mul_pd(hi, hi));
         }
@@ -555,7 +556,8 @@ static inline void quantize_row(const float *x, int64_t D, int8_t *row) {
 #ifdef __AVX512F__
     const __m512 sv = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
     for (; d + 16 <= D; d += 16) {
-        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + d), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + d), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         r = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
         _mm_storeu_si128((__m128i *)(row + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
     }

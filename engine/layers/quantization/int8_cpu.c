@@ -19,6 +19,7 @@
  * VNNI vectors. The sums are the same exact integers and the float epilogue is the same code, so
  * both paths give the same bits and a row still never depends on the batch.
  */
+#define _DEFAULT_SOURCE /* syscall() under -std=c11: the AMX permission request */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,6 +53,18 @@
 
 const char *q8_isa(void) { return Q8_ISA; }
 
+#ifdef __AVX512F__
+/* y[n .. n + 15] = acc * w_scale[n ..] (+ bias[n ..]), the lanes past N left alone: the epilogue of
+ * every AVX-512 tile (W8A8 on VNNI and AMX, weight-only). */
+static inline void store16_scaled(__m512 acc, const float *w_scale, const float *bias, float *y, int64_t n,
+                                  int64_t N) {
+    __m512 v = _mm512_mul_ps(acc, _mm512_loadu_ps(w_scale + n));
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+    const __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+    _mm512_mask_storeu_ps(y + n, mk, v);
+}
+#endif
+
 /* ---- activation quantization: per row, per group of G channels ------------------------------ */
 
 /* One row: q [ldq] (columns K..ldq-1 set to 0), scale [ceil(K / G)]. The AVX-512 loop computes the
@@ -77,8 +90,10 @@ static void quantize_row(const float *xr, int64_t K, int64_t G, int8_t *qr, int6
         k = k0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         const __m512 vinv = _mm512_set1_ps(inv);
-        for (; k + 16 <= k1; k += 16)
-            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv))));
+        for (; k + 16 <= k1; k += 16) {
+            const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv));
+            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtsepi32_epi8(qi));
+        }
 #endif
         for (; k < k1; k++) qr[k] = (int8_t)nearbyintf(xr[k] * inv);
         scale[g] = amax / 127.f;
@@ -255,43 +270,51 @@ static void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
-/* One N tile (NBLK = 2 blocks of 16 outputs) for rows m0 .. m0 + 16 * RT - 1 of the row-padded
- * q [.., ldq]: out [32][32] floats (row r, output 16 * j + l) gets the same epilogue as the VNNI
- * tile: out = out + (float)sum_g * x_scale_g, group after group. */
-#define AMX_TILE(RT)                                                                                       \
-    static void amx_tile_##RT(const int8_t *q, int64_t ldq, const float *xs, int64_t ng, const int8_t *wt,  \
-                              int64_t K4, int64_t G4, float out[32][32]) {                                  \
-        int32_t sums[2 * RT][16][16];                                                                       \
-        for (int r = 0; r < 16 * RT; r++)                                                                   \
-            for (int j = 0; j < 2; j++) _mm512_storeu_ps(out[r] + 16 * j, _mm512_setzero_ps());            \
-        for (int64_t g = 0; g < ng; g++) {                                                                  \
-            _tile_zero(0); _tile_zero(1);                                                                   \
-            if (RT == 2) { _tile_zero(2); _tile_zero(3); }                                                  \
-            for (int64_t k = g * G4; k < (g + 1) * G4; k += 16) {                                           \
-                _tile_loadd(4, q + 4 * k, ldq);                                                             \
-                if (RT == 2) _tile_loadd(5, q + 16 * ldq + 4 * k, ldq);                                     \
-                _tile_loadd(6, wt + k * 64, 64);                                                            \
-                _tile_loadd(7, wt + (K4 + k) * 64, 64);                                                     \
-                _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 4, 7);                                               \
-                if (RT == 2) { _tile_dpbssd(2, 5, 6); _tile_dpbssd(3, 5, 7); }                              \
-            }                                                                                               \
-            _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);                                     \
-            if (RT == 2) { _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64); }                    \
-            for (int t = 0; t < RT; t++)                                                                    \
-                for (int r = 0; r < 16; r++) {                                                              \
-                    const __m512 s = _mm512_set1_ps(xs[(16 * t + r) * ng + g]);                             \
-                    for (int j = 0; j < 2; j++) {                                                           \
-                        const __m512 f = _mm512_mul_ps(                                                     \
-                            _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * t + j][r])), s);                 \
-                        float *o = out[16 * t + r] + 16 * j;                                                \
-                        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), f));                          \
-                    }                                                                                       \
-                }                                                                                           \
-        }                                                                                                   \
+/* One N tile (NBLK = 2 blocks of 16 outputs) for RT (1 or 2, a constant after inlining) row tiles of
+ * the row-padded q [.., ldq]: out [32][32] floats (row r, output 16 * j + l) gets the same epilogue
+ * as the VNNI tile: out = out + (float)sum_g * x_scale_g, group after group. */
+static inline __attribute__((always_inline)) void amx_tile(const int RT, const int8_t *q, int64_t ldq,
+                                                           const float *xs, int64_t ng, const int8_t *wt,
+                                                           int64_t K4, int64_t G4, float out[32][32]) {
+    int32_t sums[4][16][16]; /* [2 * row tile + block][row][output] */
+    for (int r = 0; r < 16 * RT; r++)
+        for (int j = 0; j < 2; j++) _mm512_storeu_ps(out[r] + 16 * j, _mm512_setzero_ps());
+    for (int64_t g = 0; g < ng; g++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (RT == 2) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int64_t k = g * G4; k < (g + 1) * G4; k += 16) {
+            _tile_loadd(4, q + 4 * k, ldq);
+            if (RT == 2) _tile_loadd(5, q + 16 * ldq + 4 * k, ldq);
+            _tile_loadd(6, wt + k * 64, 64);
+            _tile_loadd(7, wt + (K4 + k) * 64, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            if (RT == 2) {
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        if (RT == 2) {
+            _tile_stored(2, sums[2], 64);
+            _tile_stored(3, sums[3], 64);
+        }
+        for (int t = 0; t < RT; t++)
+            for (int r = 0; r < 16; r++) {
+                const __m512 s = _mm512_set1_ps(xs[(16 * t + r) * ng + g]);
+                for (int j = 0; j < 2; j++) {
+                    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * t + j][r])), s);
+                    float *o = out[16 * t + r] + 16 * j;
+                    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), f));
+                }
+            }
     }
-AMX_TILE(1)
-AMX_TILE(2)
-#undef AMX_TILE
+}
 
 /* q8_w8a8 on AMX tiles: q [Mp, ldq] int8 with Mp = M rounded up to 32 (zero rows), K a multiple
  * of G and G of 64. */
@@ -309,18 +332,13 @@ static void w8a8_amx(const int8_t *q, int64_t M, int64_t ldq, const float *xs, i
             for (int64_t m0 = 0; m0 < M; m0 += 32) {
                 const int R = M - m0 < 32 ? (int)(M - m0) : 32;
                 if (R > 16)
-                    amx_tile_2(q + m0 * ldq, ldq, xs + m0 * ng, ng, wt, K4, G4, out);
+                    amx_tile(2, q + m0 * ldq, ldq, xs + m0 * ng, ng, wt, K4, G4, out);
                 else
-                    amx_tile_1(q + m0 * ldq, ldq, xs + m0 * ng, ng, wt, K4, G4, out);
+                    amx_tile(1, q + m0 * ldq, ldq, xs + m0 * ng, ng, wt, K4, G4, out);
                 for (int r = 0; r < R; r++)
-                    for (int j = 0; j < NBLK; j++) {
-                        const int64_t n = (b0 + j) * 16;
-                        if (n >= N) break;
-                        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(out[r] + 16 * j), _mm512_loadu_ps(w_scale + n));
-                        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
-                        const __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-                        _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n, mk, v);
-                    }
+                    for (int j = 0; j < NBLK && (b0 + j) * 16 < N; j++)
+                        store16_scaled(_mm512_loadu_ps(out[r] + 16 * j), w_scale, bias, y + (m0 + r) * ldy,
+                                       (b0 + j) * 16, N);
             }
         }
         _tile_release();
@@ -400,14 +418,8 @@ void q8_w8a8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t G, const
             DISPATCH_R(CALL, R);
 #undef CALL
             for (int r = 0; r < R; r++)
-                for (int j = 0; j < nb; j++) {
-                    const int64_t n = (b0 + j) * 16;
-                    if (n >= N) break;
-                    fvec v = _mm512_mul_ps(out[r][j], _mm512_loadu_ps(w_scale + n));
-                    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
-                    const __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-                    _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n, mk, v);
-                }
+                for (int j = 0; j < nb && (b0 + j) * 16 < N; j++)
+                    store16_scaled(out[r][j], w_scale, bias, y + (m0 + r) * ldy, (b0 + j) * 16, N);
 #elif Q8_AVX2
             __m256 out[RB][2 * NBLK];
 #define CALL(RR) w8a8_tile((const int8_t *)at, ldq, xst, ng, RR, wt, K4, G4, comp, Np, b0 * 16, out)
@@ -470,14 +482,8 @@ static inline __attribute__((always_inline)) void w8_tile(const float *x, int64_
 static void w8_store(__m512 out[RB][WB], int R, const float *w_scale, const float *bias, float *y, int64_t ldy,
                      int64_t n0, int64_t N) {
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < WB; j++) {
-            const int64_t n = n0 + 16 * j;
-            if (n >= N) break;
-            __m512 v = _mm512_mul_ps(out[r][j], _mm512_loadu_ps(w_scale + n));
-            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
-            const __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-            _mm512_mask_storeu_ps(y + r * ldy + n, mk, v);
-        }
+        for (int j = 0; j < WB && n0 + 16 * j < N; j++)
+            store16_scaled(out[r][j], w_scale, bias, y + r * ldy, n0 + 16 * j, N);
 }
 #define W8_OUT __m512 out[RB][WB]
 #elif defined(__AVX2__) && defined(__FMA__)
