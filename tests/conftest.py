@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray listens on loopback only
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# the suite's many engines would each fault in their whole KV cache (2 GiB by default) while cores
+# idle; tests/test_kv_prefault.py turns it back on for the engines it checks
+os.environ.setdefault("ENGINE_KV_PREFAULT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from engine.scheduler.output import SchedulerOutput
 from engine.spec_decode.proposer import DraftRequest, Proposer, make_proposer
 from engine.structured_output.apply import attach_grammar
 from engine.worker.graph_runner import StepGraphRunner, make_step_graph_runner
+from engine.worker.kv_prefault import KVPrefaulter, start_prefault
 from engine.worker.lazy_zeros import lazy_zeros, zeros_on
 from engine.worker.request_state import CachedRequestState
 
@@ -53,6 +54,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # swap space
+        self.kv_prefault: KVPrefaulter | None = None  # faults the CPU cache's pages in while cores idle
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.attn_backend = None
@@ -106,9 +108,17 @@ class ModelRunner:
             attn.k_cache, attn.v_cache, attn.backend = k, v, self.attn_backend
             self.kv_caches.append((k, v))
         self.max_model_len = min(self.model_config.max_model_len, num_blocks * self.block_size)
+        if self.kv_prefault is not None:
+            self.kv_prefault.stop()
+        # first writes would page-fault inside steps: fault the pages in while cores idle
+        self.kv_prefault = start_prefault([t for kv in self.kv_caches for t in kv])
         if self.proposer is not None:
             self.proposer.init_cache(num_blocks)
         self.graph_runner = make_step_graph_runner(self.config, self.model, self.attn_backend, self.device)
+
+    def shutdown(self) -> None:
+        if self.kv_prefault is not None:
+            self.kv_prefault.stop()
 
     @torch.inference_mode()
     def run_dummy_prefill(self, num_tokens: int, num_logits: int) -> None:

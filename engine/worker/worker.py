@@ -96,5 +96,7 @@ class Worker:
         return True
 
     def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.shutdown()
         if self.tp_size > 1:
             destroy_distributed()
