@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
 
 from engine.config import EngineConfig
 from engine.scheduler.output import SchedulerOutput
@@ -46,37 +44,19 @@ class Executor(ABC):
 
 
 class UniProcExecutor(Executor):
-    """One worker in this process, on a thread of its own: every call into it (start-up, warm-up,
-    plan recording, each step) runs on that thread, whichever thread the engine is driven from.
-
-    libgomp keeps a team of threads per thread that opens parallel regions. With two such threads
-    (the server builds the engine on its main thread and steps it on its loop thread) it counts
-    more threads than cores and stops spin-waiting at its barriers: every kernel then waited on a
-    futex, and a served decode step took 30 ms instead of 19 (docs/performance.md, "One thread for
-    the worker"). One thread per worker keeps one team, as a Ray worker's actor thread does."""
+    """One worker in this process."""
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         from engine.worker.worker import Worker
 
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker")
-        try:
-            self.worker = self._on_worker_thread(Worker, config, rank=0)
-        except BaseException:
-            self._thread.shutdown(wait=False)
-            raise
-
-    def _on_worker_thread(self, fn: Callable, *args, **kwargs) -> Any:
-        return self._thread.submit(fn, *args, **kwargs).result()
+        self.worker = Worker(config, rank=0)
 
     def collective_rpc(self, method: str, *args, **kwargs) -> list:
-        return [self._on_worker_thread(getattr(self.worker, method), *args, **kwargs)]
+        return [getattr(self.worker, method)(*args, **kwargs)]
 
     def shutdown(self) -> None:
-        try:
-            self._on_worker_thread(self.worker.shutdown)
-        finally:
-            self._thread.shutdown(wait=True)
+        self.worker.shutdown()
 
 
 def make_executor(config: EngineConfig) -> Executor:
