@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-flags", default="--dtype float32", help="flags for python -m engine serve")
     p.add_argument("--result-dir", default="bench-results")
+    p.add_argument("--engine-only", action="store_true",
+                   help="only the engine's server (vLLM's client still runs from --vllm-python): for sweeps of --engine-flags")
     ns = p.parse_args()
     from engine.models.default_model import resolve_model_path
 
@@ -70,7 +72,7 @@ def main() -> None:
     out_dir = Path(ns.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for label in ("engine", "vllm"):
+    for label in ("engine",) if ns.engine_only else ("engine", "vllm"):
         load = wait_for_quiet(timeout_s=120)
         if label == "engine":
             srv = start_engine_server(model_dir, ns.engine_flags.split(), out_dir)
@@ -83,6 +85,11 @@ def main() -> None:
             srv.stop()
         res["other_cores_before_start"] = load
         results[label] = res
+    if ns.engine_only:
+        print(f"\nengine ({ns.engine_flags}), vllm.benchmarks.serve at {ns.request_rate} requests/s:")
+        for m in METRICS:
+            print("  " + "  ".join(f"{stat}_{m} {results['engine'][f'{stat}_{m}_ms']:.1f} ms" for stat in ("mean", "p50", "p99")))
+        return
     rows = []
     print(f"\nvllm.benchmarks.serve, {ns.num_prompts} random prompts of {ns.input_len} tokens, {ns.output_len}-token "
           f"outputs, --ignore-eos, {ns.request_rate} requests/s (Poisson)")

@@ -22,10 +22,10 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
     return (y if b is None else y + b.double()).float()
 
 
-# rows: 1-3 (small tiles over panel groups), 4-5 (split small tiles), 6 (one full tile), 7, 64 and
-# 300 (tiles plus tails, several row blocks of 96); shapes: whole groups of 96 channels, a partial
-# panel, K past one k block of 256 and not a multiple of 8
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 64, 300])
+# rows: 1-3 (small tiles over panel groups), 4-5 (split small tiles), 6 (one 6-row tile), 8 (one
+# AVX-512 8-row tile), 7, 14, 15, 64 and 300 (tiles plus 6-row and small tails, row blocks of 144);
+# shapes: whole groups of 96 channels, a partial panel, K past a k block of 192, not a multiple of 8
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 64, 300])
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (37, 300), (5, 7), (112, 260)])
 def test_gemm_matches_a_float64_reference(kernels, m, n, k):
     torch.manual_seed(m * 7 + n + k)
@@ -43,7 +43,7 @@ def test_rows_do_not_depend_on_the_batch(kernels):
     x, w, b = torch.randn(301, 576), torch.randn(963, 576), torch.randn(963)
     packed = kernels.pack(w)
     full = kernels.gemm_packed(x, packed, 963, b)
-    for i in [0, 1, 2, 5, 6, 95, 96, 97, 200, 300]:  # alone and at every place in tiles and row blocks
+    for i in [0, 1, 2, 5, 6, 8, 13, 95, 96, 97, 143, 144, 145, 200, 300]:  # alone, at every place in tiles and blocks
         for lo in (i, max(0, i - 1), max(0, i - 4), max(0, i - 7), max(0, i - 100)):
             part = kernels.gemm_packed(x[lo : i + 1], packed, 963, b)
             assert torch.equal(part[-1], full[i]), (i, lo)
@@ -63,12 +63,12 @@ def test_strided_rows_and_a_repacked_weight(kernels):
 def test_the_portable_build_gives_the_same_bits(kernels, march):
     """Machines without AVX2 get the plain-C path (a scalar fmaf chain in the same order), AVX2-only
     machines 8-lane tiles, AVX-512 ones (the native build where the CPU has it) 16-lane tiles: the
-    same bits from each, at every row count a group's tiles take (1..6, and more)."""
+    same bits from each, at every row count a group's tiles take (1..8, and more)."""
     from engine.kernels.cpu.build import build
 
     other = ops.CpuFp32Kernels(build(ops.SOURCE, march), None, build(ops.GEMM_SOURCE, march))
     torch.manual_seed(3)
-    shapes = [(m, 192, 576) for m in (1, 2, 3, 4, 5, 6, 13)] + [(1, 96, 64), (5, 37, 300), (7, 112, 260)]
+    shapes = [(m, 192, 576) for m in (1, 2, 3, 4, 5, 6, 8, 13, 14, 15, 150)] + [(1, 96, 64), (5, 37, 300), (7, 112, 260)]
     for m, n, k in shapes:
         x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
         assert torch.equal(other.gemm_packed(x, other.pack(w), n, b), kernels.gemm_packed(x, kernels.pack(w), n, b))

@@ -36,6 +36,14 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", scheduler_output)[0]
 
+    def record_decode_plans(self, num_reqs: int) -> list[int]:
+        """Records decode replays of up to ``num_reqs`` requests now, not at the first step of each
+        size; returns the batch sizes that replay (none with tensor or pipeline parallelism, whose
+        steps run eagerly)."""
+        if self.config.parallel.tensor_parallel_size > 1 or self.config.parallel.pipeline_parallel_size > 1:
+            return []
+        return self.collective_rpc("record_decode_plans", num_reqs)[0]
+
     def check_health(self) -> None:
         self.collective_rpc("check_health")
 

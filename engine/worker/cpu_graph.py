@@ -77,6 +77,12 @@ class CpuGraphRunner:
             self.plans[size] = self._record(size)
         return size if self.plans[size] is not None else None
 
+    def record_upto(self, num_reqs: int) -> list[int]:
+        for size in self.sizes:
+            if size <= num_reqs and size not in self.plans:
+                self.plans[size] = self._record(size)
+        return [s for s, p in self.plans.items() if p is not None and s <= num_reqs]
+
     def _eager(self, size: int, ids: torch.Tensor, hook=None) -> torch.Tensor:
         handle = self.embed.register_forward_hook(hook) if hook is not None else None
         lora = LoRAContext(None, self.lora_rows[:size]) if self.lora_rows is not None else None

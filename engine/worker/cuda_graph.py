@@ -138,6 +138,9 @@ class CUDAGraphRunner:
     def bucket(self, num_reqs: int) -> int | None:
         return bucket_for(num_reqs, self.sizes) if self.graphs else None
 
+    def record_upto(self, num_reqs: int) -> list[int]:
+        return [s for s in self.sizes if s <= num_reqs] if self.graphs else []  # captured at start-up
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, lora=None) -> torch.Tensor:
         """Hidden states of a pure-decode step ([n, hidden]) by graph replay."""
         n = input_ids.shape[0]

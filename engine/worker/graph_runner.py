@@ -21,6 +21,11 @@ class StepGraphRunner(Protocol):
     def bucket(self, num_reqs: int) -> int | None:
         """The padded batch size a pure-decode step of ``num_reqs`` requests replays, or None."""
 
+    def record_upto(self, num_reqs: int) -> list[int]:
+        """Records every bucket of up to ``num_reqs`` requests not recorded yet (a server's start-up:
+        a first step of a new size would otherwise pay for its recording); returns the buckets
+        that replay."""
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             lora=None) -> torch.Tensor:
         """Hidden states ``[num_reqs, hidden]`` of a pure-decode step, by replay (``lora``: the step's

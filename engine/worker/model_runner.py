@@ -116,6 +116,10 @@ class ModelRunner:
             self.proposer.init_cache(num_blocks)
         self.graph_runner = make_step_graph_runner(self.config, self.model, self.attn_backend, self.device)
 
+    def record_decode_plans(self, num_reqs: int) -> list[int]:
+        """Records the decode replays (CPU kernel plans) of up to ``num_reqs`` requests now."""
+        return self.graph_runner.record_upto(num_reqs) if self.graph_runner is not None else []
+
     def shutdown(self) -> None:
         if self.kv_prefault is not None:
             self.kv_prefault.stop()

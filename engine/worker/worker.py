@@ -95,6 +95,9 @@ class Worker:
     def check_health(self) -> bool:
         return True
 
+    def record_decode_plans(self, num_reqs: int) -> list[int]:
+        return self.runner.record_decode_plans(num_reqs)
+
     def shutdown(self) -> None:
         if self.runner is not None:
             self.runner.shutdown()

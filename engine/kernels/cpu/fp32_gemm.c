@@ -22,7 +22,8 @@
 #endif
 
 #define NR 16  /* output channels per panel */
-#define MR 6   /* rows per register tile */
+#define MR 6   /* rows per register tile (8-lane builds) */
+#define ZR 8   /* rows per register tile (AVX-512: 8 x 3 panels = 24 of the 32 vector registers) */
 #define KC 192 /* k per block: a panel slice of 12 KB (three panels' fit L1; 256 measured 5-10% slower) */
 #define MC 144 /* rows per block: 144 x 192 x 4 = 108 KB of x in L2 */
 #define GP 6   /* panels per group: the unit a thread takes when the channels fill whole groups */
@@ -130,13 +131,13 @@ static inline __attribute__((always_inline)) void small_tile(const int R, const 
 }
 
 #ifdef __AVX512F__
-/* AVX-512: a panel's k-row is one 16-lane vector. R rows (1..6) over P full panels at once (R x P
- * accumulators, <= 18), each lane the same FMA chain over k as tile()'s, so the bits are the same
+/* AVX-512: a panel's k-row is one 16-lane vector. R rows (1..8) over P full panels at once (R x P
+ * accumulators, <= 24), each lane the same FMA chain over k as tile()'s, so the bits are the same
  * as the 8-lane path's and the portable one's. */
 static inline __attribute__((always_inline)) void ztile(const int R, const int P, const float *x, int64_t ldx,
                                                         const float *b, int64_t K, int64_t kc, float *y,
                                                         int64_t ldy, int first, const float *bias) {
-    __m512 c[MR][6]; /* R * P <= 18 live */
+    __m512 c[ZR][6]; /* R * P <= 24 live */
     for (int r = 0; r < R; r++)
         for (int j = 0; j < P; j++) c[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * ldy + j * NR);
     for (int64_t k = 0; k < kc; k++) {
@@ -155,23 +156,29 @@ static inline __attribute__((always_inline)) void ztile(const int R, const int P
         }
 }
 
-/* All rows of one block over a group of GP full panels: 6-row tiles over three panels (18 chains of
- * 16 lanes; 6 x 2 measured 8% slower at 64 rows), three panels at a time across all the row tiles
- * (1.08-1.16x at 16-512 rows over row tiles outermost), and the 1..5 rows left over more panels at
- * once. */
+/* All rows of one block over a group of GP full panels: 8-row tiles over three panels (24 chains of
+ * 16 lanes: 1.05-1.08x the 6-row tiles at 16-512 rows; 6 x 2 measured 8% slower than 6 x 3), three
+ * panels at a time across all the row tiles (1.08-1.16x at 16-512 rows over row tiles outermost),
+ * and the 1..7 rows left as a 6-row tile and tiles over more panels at once. */
 static void group_rows(const float *x, int64_t ldx, int64_t rows, const float *b, int64_t K, int64_t kc, float *y,
                        int64_t ldy, int first, const float *bias) {
 #define PB(g) (b + (g) * K * NR)
 #define BB(g) (bias ? bias + (g) * NR : NULL)
 #define ZT(R, P, g) ztile(R, P, xm, ldx, PB(g), K, kc, ym + (g) * NR, ldy, first, BB(g))
-    const int64_t full = rows / MR * MR;
+    const int64_t full = rows / ZR * ZR;
     for (int g = 0; g < GP; g += 3) /* three panels' k block (36 KB) stays in L1 for every row tile */
-        for (int64_t m = 0; m < full; m += MR) {
+        for (int64_t m = 0; m < full; m += ZR) {
             const float *xm = x + m * ldx;
             float *ym = y + m * ldy;
-            ZT(MR, 3, g);
+            ZT(ZR, 3, g);
         }
-    const int64_t m = full;
+    int64_t m = full;
+    if (rows - m >= 6) {
+        const float *xm = x + m * ldx;
+        float *ym = y + m * ldy;
+        for (int g = 0; g < GP; g += 3) ZT(6, 3, g);
+        m += 6;
+    }
     const float *xm = x + m * ldx;
     float *ym = y + m * ldy;
     switch (rows - m) {
