@@ -119,7 +119,7 @@ SERVED_DECODE_PLANS = 64
 def _build_engine(args: EngineArgs) -> LLMEngine:
     engine = LLMEngine.from_engine_args(args)
     t = time.perf_counter()
-    sizes = engine.executor.record_decode_plans(min(SERVED_DECODE_PLANS, engine.config.scheduler.max_num_seqs))
+    sizes = engine.record_decode_plans(min(SERVED_DECODE_PLANS, engine.config.scheduler.max_num_seqs))
     if sizes:
         logger.info("recorded decode-step replays for batch sizes %s in %.1f s", sizes, time.perf_counter() - t)
     return engine

@@ -287,6 +287,10 @@ class LLMEngine:
         """Ids of unfinished requests using an adapter (safe from another thread)."""
         return self.lora_registry.users(lora_int_id, self.output_processor.parents.__contains__)
 
+    def record_decode_plans(self, num_reqs: int) -> list[int]:
+        """Records the decode replays of up to ``num_reqs`` requests now (a server's start-up)."""
+        return self.executor.record_decode_plans(num_reqs)
+
     def check_health(self) -> None:
         """Raises if a worker is gone (Ray: a worker that died while idle, with no call into it)."""
         self.executor.check_health()
