@@ -7,17 +7,18 @@ team of threads per thread that opens regions; with a second team it counts more
 cores and stops spin-waiting at its barriers, and a served decode step took 30-33 ms instead of
 19-21 when the engine was built on the main thread and stepped here. Callers on the event loop
 never touch the engine directly: they queue commands (add, abort) that the thread applies between
-steps, and the thread hands outputs back with ``loop.call_soon_threadsafe``. A step that raises kills the engine: every request in
-flight fails with EngineDeadError and ``errored`` becomes true (the server reports unhealthy).
+steps, and the thread hands outputs back with ``loop.call_soon_threadsafe``. A step that raises
+kills the engine: every request in flight fails with EngineDeadError and ``errored`` becomes true
+(the server reports unhealthy).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-import concurrent.futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
@@ -111,7 +112,7 @@ class _StatLog:
 
 
 # Decode batch sizes whose kernel plans a served engine records before it is ready (SmolLM2 on 2
-# cores: 56-190 ms each, 2.7 s for the 20 buckets to 64). Recorded at a first step of each size
+# cores: 56-190 ms each, 2.6 s for the 20 buckets to 64). Recorded at a first step of each size
 # instead, they stalled every running request and made the p99 first token 3-4x the median.
 SERVED_DECODE_PLANS = 64
 
