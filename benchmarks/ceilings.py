@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     c = measure(args.quick, args.wait_quiet_s, args.size)
     print(f"threads {c.threads}")
     print(f"memory read   {c.read_gbps:7.1f} GB/s    copy {c.copy_gbps:.1f} GB/s (read + written)")
-    print(f"matmul fp32   {c.fp32_gflops:7.1f} GFLOP/s")
+    print(f"matmul fp32   {c.fp32_gflops:7.1f} GFLOP/s    FMA peak {c.fp32_peak_gflops:.1f} GFLOP/s (registers only)")
     print(f"matmul bf16   {c.bf16_gflops:7.1f} GFLOP/s")
     print(f"matmul int8   {c.int8_gops:7.1f} GOP/s")
     for name, bpp in (("fp32", 4.0), ("int8", 1.0)):

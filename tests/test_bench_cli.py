@@ -95,6 +95,7 @@ def test_throughput_with_ceilings_decode_and_peers(tmp_path, tiny_model_path, st
     e = r["engine"]
     assert e["output_tokens"] == 15 and e["prompt_tokens"] == 36 and e["output_tokens_per_s"] > 0
     assert 0 < e["fraction_of_fp32_compute_ceiling"] and 0 < e["fraction_of_bandwidth_floor"]
+    assert 0 < e["fraction_of_fp32_fma_peak"] < 1 and r["ceilings"]["best"]["fp32_peak_gflops"] > 0
     assert e["single_request_decode_ms"] > 0 and len(r["decode_step_s"]["engine"]) == 2
     assert set(r["ceilings"]) == {"before", "after", "best"} and r["ceilings"]["best"]["fp32_gflops"] > 0
     assert {x["name"] for x in r["regions"]} >= {"ceilings before", "ceilings after", "single-request decode before"}
@@ -108,6 +109,23 @@ def test_throughput_with_ceilings_decode_and_peers(tmp_path, tiny_model_path, st
     assert len(r["samples"]["ttft_s"]) == 3
     out = capsys.readouterr().out
     assert "engine is" in out and "of the fp32 compute ceiling" in out and "vLLM CPU single-request decode" in out
+    assert "of the FMA peak" in out
+
+
+def test_workload_flops_count_the_lm_head_for_sampled_tokens_only(tiny_model_path):
+    """Logits are computed at a prompt's last position alone, so the compute ceiling of a workload
+    charges the LM head to output tokens, the layers (and attention) to every token."""
+    from engine.bench.ceilings import model_costs
+    from engine.config import load_hf_config
+
+    cfg = load_hf_config(tiny_model_path)
+    m = model_costs(cfg)
+    head = 2.0 * cfg.vocab_size * cfg.hidden_size
+    assert m.lm_head_flops_per_token == head and 0 < head < m.flops_per_token
+    layers = m.flops_per_token - head
+    assert m.workload_flops(100, 0) == 100 * layers
+    assert m.workload_flops(100, 10) == 110 * layers + 10 * head
+    assert m.workload_flops(0, 10, context=8) == 10 * m.flops_per_token + 10 * 8 * m.attn_flops_per_ctx_token
 
 
 def test_vllm_skipped_with_its_reason(tiny_model_path, monkeypatch):

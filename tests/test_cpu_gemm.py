@@ -100,3 +100,11 @@ def test_linear_layers_use_it_and_repack_after_a_write(kernels):
         layer.weight.mul_(2)  # an in-place write: the packed copy must follow
         x = torch.randn(3, 576)
         torch.testing.assert_close(method.apply(layer, x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_fma_peak_loop_counts_its_flops(kernels):
+    """The ceiling's FMA loop (engine/bench/ceilings.py): 12 vector FMA chains per thread and round,
+    in the lanes of this build, on every OpenMP thread of the runtime."""
+    lanes = {"avx512": 16, "avx2": 8, "generic": 1}[kernels.gemm_isa]
+    assert kernels.fma_flops(1000) == torch.get_num_threads() * 1000 * 12 * 2 * lanes
+    assert kernels.fma_flops(0) == 0

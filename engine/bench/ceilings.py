@@ -2,8 +2,11 @@
 the matrix-multiply rate (fp32, bf16, int8) with the thread count the engine uses, and for a model
 
 - the floor for one decode step: bytes of weights (and KV) a step must read / read bandwidth;
-- the ceiling for tokens/s at large batch: FLOPs per token / fp32 matmul rate (the faster of
-  torch's and the engine's packed GEMM at 2048^3).
+- the ceiling for tokens/s at large batch: a workload's FLOPs / fp32 matmul rate (the faster of
+  torch's and the engine's packed GEMM at 2048^3), counting the layers for every token and the LM
+  head for the sampled ones only (the engine computes logits at a prompt's last position alone);
+- the fp32 FMA peak: 12 independent vector FMA chains per thread on registers, no memory. No GEMM
+  passes it; it says how far the matmul ceiling itself is from the hardware.
 
 ``bench throughput`` measures these in the same run, before and after the engine, and reports its
 results as fractions of them; ``python benchmarks/ceilings.py`` prints them alone. The machine is
@@ -25,6 +28,7 @@ class Ceilings:
     fp32_gflops: float  # 2048^3: the faster of torch.mm and the engine's packed GEMM
     bf16_gflops: float
     int8_gops: float  # torch._int_mm, int32 accumulation
+    fp32_peak_gflops: float = 0.0  # the FMA loop of the engine's GEMM build (0 without its C kernels)
 
     def best(self, other: "Ceilings") -> "Ceilings":
         """The higher of two measurements of each figure: on a noisy machine the fractions reported
@@ -36,6 +40,7 @@ class Ceilings:
 class ModelCosts:
     weight_bytes: int  # bytes of weights one forward step reads (linear layers + LM head)
     flops_per_token: float  # matmul FLOPs of one token through all layers and the LM head
+    lm_head_flops_per_token: float  # the LM head's share of flops_per_token
     attn_flops_per_ctx_token: float  # extra FLOPs per token per token of context (QK^T and PV)
     kv_bytes_per_token: int  # K and V of one token, all layers
 
@@ -46,6 +51,13 @@ class ModelCosts:
     def compute_ceiling_tps(self, c: Ceilings, context: int = 0) -> float:
         """Tokens/s at large batch if every FLOP ran at the fp32 matmul rate."""
         return c.fp32_gflops * 1e9 / (self.flops_per_token + context * self.attn_flops_per_ctx_token)
+
+    def workload_flops(self, prompt_tokens: int, output_tokens: int, context: int = 0) -> float:
+        """FLOPs of a generation workload: the layers (and attention at mean ``context``) for every
+        token, the LM head only for sampled ones. Counting it for every prompt token would credit a
+        prefill-heavy run with a fifth more work than it did."""
+        layer = self.flops_per_token - self.lm_head_flops_per_token + context * self.attn_flops_per_ctx_token
+        return (prompt_tokens + output_tokens) * layer + output_tokens * self.lm_head_flops_per_token
 
 
 def best_time(fn, repeats: int) -> float:
@@ -82,6 +94,17 @@ def measure_matmul(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     if dtype == torch.float32:
         rate = max(rate, packed_gemm_gflops(a, b, repeats))
     return rate
+
+
+def fma_peak_gflops(repeats: int = 5, iters: int = 2_000_000) -> float:
+    """The fp32 FMA peak of the engine's GEMM build on every thread (0 without its C kernels)."""
+    from engine.kernels.cpu.ops import load
+
+    kernels = load()
+    if kernels is None or not kernels.has_gemm:
+        return 0.0
+    flops = kernels.fma_flops(iters)
+    return flops / best_time(lambda: kernels.fma_flops(iters), repeats) / 1e9
 
 
 def packed_gemm_gflops(a: torch.Tensor, b: torch.Tensor, repeats: int = 5) -> float:
@@ -129,6 +152,7 @@ def measure(quick: bool = False, wait_quiet_s: float = 60.0, size: str | None = 
         fp32_gflops=measure_matmul(torch.float32, s.fp32_n),
         bf16_gflops=measure_matmul(torch.bfloat16, s.bf16_n, repeats=2),  # ~100x slower than fp32 on AVX2
         int8_gops=measure_matmul(torch.int8, s.int8_n),
+        fp32_peak_gflops=fma_peak_gflops(iters=200_000 if size == "tiny" else 2_000_000),
     )
 
 
@@ -145,6 +169,7 @@ def model_costs(hf_config, weight_bytes_per_param: float = 4.0, kv_bytes_per_ele
     return ModelCosts(
         weight_bytes=int(params * weight_bytes_per_param),
         flops_per_token=2.0 * params,
+        lm_head_flops_per_token=2.0 * hf_config.vocab_size * h,
         attn_flops_per_ctx_token=4.0 * layers * heads * d,
         kv_bytes_per_token=2 * layers * kv_heads * d * kv_bytes_per_elem,
     )

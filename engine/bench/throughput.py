@@ -121,14 +121,23 @@ def _fractions(report: Report, res: EngineRun, steps: list[float], c: Ceilings |
         return out
     n = res.result.requests
     mean_ctx = (res.prompt_tokens + res.result.output_tokens / 2) / n
-    ceiling_tps = model_costs(hf_config, 4.0).compute_ceiling_tps(c, int(mean_ctx / 2))
-    out.update(fp32_compute_ceiling_tok_s=ceiling_tps,
-               fraction_of_fp32_compute_ceiling=out["processed_tok_s"] / ceiling_tps)
+    flops = model_costs(hf_config, 4.0).workload_flops(res.prompt_tokens, res.result.output_tokens,
+                                                         int(mean_ctx / 2))
+    gflops = flops / res.result.seconds / 1e9
+    ceiling_tps = (res.prompt_tokens + res.result.output_tokens) * c.fp32_gflops * 1e9 / flops
+    out.update(fp32_compute_ceiling_tok_s=ceiling_tps, workload_gflops=gflops,
+               fraction_of_fp32_compute_ceiling=gflops / c.fp32_gflops)
     report.notes.append(f"ceilings, best of before and after the engine ({c.threads} threads): read "
-                        f"{c.read_gbps:.1f} GB/s, fp32 matmul {c.fp32_gflops:.0f} GFLOP/s")
-    report.notes.append(f"engine processed {out['processed_tok_s']:.0f} tokens/s (prompt + output) = "
+                        f"{c.read_gbps:.1f} GB/s, fp32 matmul {c.fp32_gflops:.0f} GFLOP/s, fp32 FMA peak "
+                        f"{c.fp32_peak_gflops:.0f} GFLOP/s")
+    peak = ""
+    if c.fp32_peak_gflops > 0:
+        out["fraction_of_fp32_fma_peak"] = gflops / c.fp32_peak_gflops
+        peak = f", {out['fraction_of_fp32_fma_peak']:.0%} of the FMA peak"
+    report.notes.append(f"engine processed {out['processed_tok_s']:.0f} tokens/s (prompt + output; {gflops:.0f} "
+                        f"GFLOP/s, the LM head counted for sampled tokens only) = "
                         f"{out['fraction_of_fp32_compute_ceiling']:.0%} of the fp32 compute ceiling "
-                        f"({ceiling_tps:.0f} tokens/s at mean context {int(mean_ctx / 2)})")
+                        f"({ceiling_tps:.0f} tokens/s at mean context {int(mean_ctx / 2)}){peak}")
     if steps and wbytes is not None:
         floor = model_costs(hf_config, wbytes).decode_floor_s(c, context=100)
         out.update(decode_floor_ms=floor * 1e3, fraction_of_bandwidth_floor=floor / min(steps))

@@ -338,3 +338,46 @@ void f32_lora_add_a(const int64_t *a) {
     f32_lora_add(P(0, const float *), a[1], a[2], a[3], P(4, const int32_t *), a[5], P(6, const float *), a[7],
                  P(8, const float *), a[9], P(10, float *), P(11, float *), a[12]);
 }
+
+/* The fp32 FMA peak of this build's vectors: every thread runs `iters` rounds of 12 independent
+ * FMA chains (enough to cover the FMA latency on two pipes) on registers only, no memory. Returns
+ * the FLOPs done, and a checksum in *sink so the loop is not optimized away. The ceiling no GEMM,
+ * and no whole workload, can pass (engine/bench/ceilings.py). */
+int64_t f32_fma_peak(int64_t iters, float *sink) {
+    int64_t flops = 0;
+#pragma omp parallel reduction(+ : flops)
+    {
+#if defined(G_AVX2) && defined(__AVX512F__)
+        typedef __m512 V;
+#define VSET(x) _mm512_set1_ps(x)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VLANES 16
+#elif defined(G_AVX2)
+        typedef __m256 V;
+#define VSET(x) _mm256_set1_ps(x)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VLANES 8
+#else
+        typedef float V;
+#define VSET(x) (x)
+#define VFMA(a, b, c) __builtin_fmaf(a, b, c)
+#define VLANES 1
+#endif
+        V c[12];
+        const V a = VSET(0.999999f), b = VSET(1e-7f);
+        for (int i = 0; i < 12; i++) c[i] = VSET((float)i);
+        for (int64_t it = 0; it < iters; it++)
+            for (int i = 0; i < 12; i++) c[i] = VFMA(c[i], a, b);
+        float out[VLANES];
+        V s = c[0];
+        for (int i = 1; i < 12; i++) s = VFMA(s, a, c[i]);
+        memcpy(out, &s, sizeof out);
+#pragma omp critical
+        *sink += out[0];
+        flops += iters * 12 * 2 * VLANES;
+#undef VSET
+#undef VFMA
+#undef VLANES
+    }
+    return flops;
+}

@@ -74,6 +74,8 @@ class CpuFp32Kernels:
             gemm.f32_gemm_isa.restype = ctypes.c_char_p
             self.gemm_isa = gemm.f32_gemm_isa().decode()
             self._pack, self.panel_width = gemm.f32_gemm_pack, int(gemm.f32_gemm_panel_width())
+            gemm.f32_fma_peak.argtypes, gemm.f32_fma_peak.restype = [_i64, _p], _i64
+            self._fma_peak = gemm.f32_fma_peak
             fn = gemm.f32_gemm_packed
             fn.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64]
             self._fn["f32_gemm_packed"] = (fn, function_address(gemm.f32_gemm_packed_a))
@@ -112,6 +114,12 @@ class CpuFp32Kernels:
         packed = torch.empty((-(-n // w), k, w), dtype=torch.float32)
         self._pack(weight.data_ptr(), n, k, weight.stride(0), packed.data_ptr())  # not a step's kernel: never recorded
         return packed
+
+    def fma_flops(self, iters: int) -> int:
+        """Runs the FMA peak loop (``iters`` rounds of 12 vector FMAs per thread, registers only) on
+        every thread; returns the FLOPs done. Timed, it is the build's fp32 peak rate."""
+        sink = ctypes.c_float(0.0)
+        return int(self._fma_peak(iters, ctypes.addressof(sink)))
 
     def gemm_packed(self, x: torch.Tensor, packed: torch.Tensor, n: int,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
