@@ -5,6 +5,7 @@ the rest), LM head, sampling, output processing and whatever Python is left.
     python benchmarks/profile_step.py --batch 16 --context 256
     python benchmarks/profile_step.py --batch 1 --context 32 --quantization gguf
     python benchmarks/profile_step.py --batch 64 --context 256 --quantization int8 --kv-cache-dtype int8
+    python benchmarks/profile_step.py --batch 48 --context 160 --temperature 1   # random sampling
 
 Each configuration is warmed up, then ``--steps`` decode steps are timed with wall clocks around the
 engine's parts, a clock around every C kernel call (inside replayed kernel plans too, timed in C),
@@ -75,7 +76,7 @@ def time_c_kernels(runner):
     return seconds
 
 
-def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: str | None = None,
+def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: str | None = None, temperature: float = 0.0,
             kv_cache_dtype: str = "auto") -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -90,7 +91,7 @@ def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: s
     for i in range(batch):
         prompt = [rng.randrange(100, 49152) for _ in range(context)]
         engine.add_request(f"p{i}", {"prompt_token_ids": prompt},
-                           SamplingParams(temperature=0, max_tokens=steps * 3 + 16, ignore_eos=True))
+                           SamplingParams(temperature=temperature, max_tokens=steps * 3 + 16, ignore_eos=True))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everything first
     for _ in range(5):
@@ -144,10 +145,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quantization", default=None, help="e.g. gguf (the default model's Q4_1 blocks) or int8")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="> 0: random sampling (what an OpenAI client gets without a temperature: 1.0)")
     args = p.parse_args()
     configs = [(args.batch, args.context)] if args.batch else [(1, 32), (64, 256)]
     for batch, context in configs:
-        profile(batch, context, args.steps, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+        profile(batch, context, args.steps, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                temperature=args.temperature)
 
 
 if __name__ == "__main__":

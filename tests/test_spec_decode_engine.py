@@ -247,8 +247,9 @@ def test_sampled_law_matches_target(tiny_model_path, draft_path, law_prompt, met
     llm = LLM(str(tiny_model_path), num_gpu_blocks_override=512, speculative_config=_spec_configs(draft_path)[method])
     counts = _sample_counts(llm, law_prompt)
     s = llm.get_stats()
-    # both acceptance and resampling are exercised, many times over
-    assert s["spec_num_accepted_tokens"] > 100 and s["spec_acceptance_rate"] < 0.9, s
+    # both acceptance and resampling are exercised, many times over (n-gram drafts here: about 105 of
+    # some 1,370 proposals accepted, a binomial count whose spread is +-10, so the bar sits well below)
+    assert s["spec_num_accepted_tokens"] > 50 and s["spec_acceptance_rate"] < 0.9, s
     assert _pvalue(counts, law) > 1e-3, (counts, law)
     _assert_free(llm)
 

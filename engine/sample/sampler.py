@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import NO_TOKEN
+from engine.sample.draw import random_sample
 from engine.sample.metadata import PenaltyBatch, SamplingMetadata
 from engine.structured_output.apply import apply_grammar_bitmask, processed_logprobs
-
-
 
 
 @dataclass
@@ -103,17 +102,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     if top_p is not None:
         logits = apply_top_p(logits, top_p)
     return logits
-
-
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Samples one token per row: argmax(p / q) with q ~ Exp(1) is a draw from p.
-    Seeded rows draw q from their own generator, so their result ignores the rest of the batch."""
-    q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
-        q.exponential_()
-    for row, gen in generators.items():
-        q[row].exponential_(generator=gen)
-    return argmax(probs.div_(q))
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

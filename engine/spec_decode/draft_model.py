@@ -23,6 +23,7 @@ import torch
 from engine.attention.metadata import attention_context, build_attention_metadata
 from engine.config import EngineConfig, ModelConfig
 from engine.models.loader import weight_bytes
+from engine.sample.draw import random_sample
 from engine.sample.sampler import apply_min_p, apply_top_k_top_p
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.proposer import DraftRequest, Drafts, Proposer
@@ -166,13 +167,7 @@ class DraftModelProposer(Proposer):
         if rand:
             probs = self._draft_distribution(logits[rand], [params[r] for r in rand])
             gens = [self.states[requests[batch[r].index].req_id].generator for r in rand]
-            e = torch.empty_like(probs)
-            if any(g is None for g in gens):
-                e.exponential_()
-            for j, g in enumerate(gens):
-                if g is not None:
-                    e[j].exponential_(generator=g)
-            drawn = (probs / e).argmax(dim=-1)
+            drawn = random_sample(probs, {j: g for j, g in enumerate(gens) if g is not None})
             tokens[rand] = drawn
             for j, r in enumerate(rand):
                 qs.setdefault(batch[r].index, []).append(probs[j])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.sample.draw import random_sample
+
 
 @dataclass
 class SpecBatch:
@@ -110,11 +112,5 @@ def random_verify(batch: SpecBatch, target_probs: torch.Tensor) -> list[list[int
 
 
 def _sample(weights: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One draw per row from unnormalised non-negative weights: argmax(w / E), E ~ Exp(1)."""
-    e = torch.empty_like(weights)
-    if any(g is None for g in generators):
-        e.exponential_()
-    for i, gen in enumerate(generators):
-        if gen is not None:
-            e[i].exponential_(generator=gen)
-    return weights.div_(e).argmax(dim=-1)
+    """One draw per row from unnormalised non-negative weights (the sampler's inverse-CDF draw)."""
+    return random_sample(weights, {i: g for i, g in enumerate(generators) if g is not None})

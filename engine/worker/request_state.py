@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from engine.sample.draw import uniform
 from engine.sampling_params import SamplingParams
 
 
@@ -74,6 +75,6 @@ class CachedRequestState:
         if gen is None:
             return None
         while self.num_generator_draws < len(self.output_token_ids):
-            torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=gen)
+            uniform(gen, 1, device)
             self.num_generator_draws += 1
         return gen
