@@ -76,8 +76,8 @@ def time_c_kernels(runner):
     return seconds
 
 
-def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: str | None = None, temperature: float = 0.0,
-            kv_cache_dtype: str = "auto") -> None:
+def profile(batch: int, context: int, steps: int, seed: int = 0, quantization: str | None = None,
+            kv_cache_dtype: str = "auto", temperature: float = 0.0) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
