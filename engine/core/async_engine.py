@@ -425,11 +425,15 @@ class AsyncLLMEngine(EngineClient):
                     self._apply(cmd)
                 self._update_queue_counts(sum(c.num_sequences for c in commands if isinstance(c, _Add)),
                                           after_step=False)
+                outputs = None
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                    self._deliver(outputs)
                     self._update_queue_counts(0)
+                # stats before outputs: a client that holds its answer finds that step in /metrics
+                # (delivered first, a scrape could read the idle state of the step before)
                 self._refresh_stats()
+                if outputs is not None:
+                    self._deliver(outputs)
                 self._maybe_log_stats()
         except BaseException as e:  # noqa: BLE001 - any failure of the step loop kills the engine
             self._die(e)
