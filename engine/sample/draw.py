@@ -23,8 +23,10 @@ def random_sample(weights: torch.Tensor, generators: dict[int, torch.Generator])
     rows, vocab = weights.shape
     cum = weights.double().cumsum(dim=-1)
     total = cum[:, -1:]
-    u = uniform(None, rows, weights.device) if len(generators) < rows else torch.empty(rows, 1, dtype=torch.float64,
-                                                                                      device=weights.device)
+    if len(generators) < rows:  # some rows unseeded: one draw of the global generator for all
+        u = uniform(None, rows, weights.device)
+    else:
+        u = torch.empty(rows, 1, dtype=torch.float64, device=weights.device)
     for row, gen in generators.items():
         u[row] = uniform(gen, 1, weights.device)[0]
     # u < 1, so u <= 1 - 2^-53 and u * total rounds below the total: the first cumulative weight
