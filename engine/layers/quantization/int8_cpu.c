@@ -50,6 +50,11 @@
 #define Q8_EPS 1e-12f
 #define NBLK 2 /* W8A8: blocks of 16 output channels per tile */
 #define RB 4   /* batch rows per tile */
+#define WPF 64 /* AVX2 W8A8: k steps (64-byte weight lines of each block) prefetched ahead, 4 KB. A decode step
+                * streams every weight once, and the AVX2 tile's arithmetic leaves the stream's latency
+                * exposed: one row 4-13% faster than without in interleaved A/B runs over 30 layers of
+                * weights (16 and 32 ahead: less); 16 rows unchanged.
+                * Past a block's end it fetches the next block's lines, which come next anyway. */
 
 const char *q8_isa(void) { return Q8_ISA; }
 
@@ -165,6 +170,7 @@ static inline __attribute__((always_inline)) void w8a8_tile(
         for (int r = 0; r < RB; r++)
             for (int j = 0; j < 2 * NBLK; j++) acc[r][j] = _mm256_setzero_si256();
         for (int64_t k = k0; k < k1; k++) {
+            for (int j = 0; j < NBLK; j++) _mm_prefetch((const char *)(wp + (j * K4 + k + WPF) * 64), _MM_HINT_T0);
             __m256i wv[2 * NBLK], wa[2 * NBLK];
             for (int j = 0; j < 2 * NBLK; j++) {
                 wv[j] = _mm256_loadu_si256((const __m256i *)(wp + ((j / 2) * K4 + k) * 64 + 32 * (j % 2)));
